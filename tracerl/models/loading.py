@@ -1,0 +1,150 @@
+"""`load_model(path)`: read a local Hugging Face directory and return the right family's DiffusionLM.
+
+Dispatch is on config.json: a directory written by TraceRL itself carries a `tracerl_diffusion` entry (family
+spec) beside a stock transformers config; a published checkpoint is recognised by its `model_type` and handed to
+its family loader (registered in FAMILY_LOADERS by llada.py, dream.py, sdar.py, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from tracerl.errors import UserError
+from tracerl.models.base import DiffusionLM, FamilySpec
+
+hf_logging.disable_progress_bar()  # weight loading/saving bars drown TraceRL's own progress output
+
+# model_type (as written in a published config.json) -> loader(path, config_dict, overrides) -> DiffusionLM
+FAMILY_LOADERS: dict[str, Callable[[Path, dict, dict], DiffusionLM]] = {}
+# family name -> saver(model, path) for families whose checkpoints must keep their published layout
+FAMILY_SAVERS: dict[str, Callable[..., None]] = {}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+KNOWN_OVERRIDES = {"dtype", "device", "block_size", "mask_token_id", "trust_remote_code"}
+
+
+def register_family(model_type: str) -> Callable:
+    """Decorator: `@register_family("llada")` makes `load_model` hand such directories to the function."""
+
+    def wrap(fn: Callable[[Path, dict, dict], DiffusionLM]) -> Callable:
+        FAMILY_LOADERS[model_type] = fn
+        return fn
+
+    return wrap
+
+
+def supported_families() -> list[str]:
+    _import_families()
+    return sorted(FAMILY_LOADERS)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """'auto' -> bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy for the 1e-5 replay checks)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def read_config(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"model directory {str(path)!r} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{str(path)!r} is not a model directory: no config.json in it")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file}: not valid JSON ({exc})") from exc
+
+
+def load_model(path_or_name: str, **overrides: Any) -> DiffusionLM:
+    """Load a diffusion LM from a local directory.
+
+    overrides: dtype ('auto' | 'bfloat16' | 'float32' | torch.dtype), device, block_size (block-diffusion families),
+    mask_token_id, trust_remote_code (for families TraceRL has no native loader for).
+    """
+    unknown = set(overrides) - KNOWN_OVERRIDES
+    if unknown:
+        raise UserError(f"load_model: unknown option(s) {sorted(unknown)}; known: {sorted(KNOWN_OVERRIDES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides["device"] = resolve_device(overrides.get("device"))
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"model directory {path_or_name!r} does not exist (TraceRL loads local checkpoint directories only; "
+            "download the checkpoint first, e.g. with `huggingface-cli download`)"
+        )
+    config = read_config(path)
+    if "tracerl_diffusion" in config:
+        return _load_native(path, config, overrides)
+    model_type = config.get("model_type")
+    _import_families()
+    loader = FAMILY_LOADERS.get(model_type)
+    if loader is None and overrides.get("trust_remote_code") and "remote" in FAMILY_LOADERS:
+        loader = FAMILY_LOADERS["remote"]
+    if loader is None:
+        raise UserError(
+            f"{path}/config.json: unknown model family model_type={model_type!r}; supported: "
+            f"{', '.join(f for f in supported_families() if f != 'remote')} (or set model.trust_remote_code: true "
+            "for a model that ships its own modeling code)"
+        )
+    return loader(path, config, overrides)
+
+
+def _load_native(path: Path, config: dict, overrides: dict) -> DiffusionLM:
+    """A directory TraceRL saved: stock transformers weights + the family spec in config.json."""
+    spec_fields = dict(config["tracerl_diffusion"])
+    for key in ("block_size", "mask_token_id"):
+        if overrides.get(key) is not None:
+            spec_fields[key] = overrides[key]
+    spec = FamilySpec(**spec_fields)
+    device = overrides["device"]
+    dtype = resolve_dtype(overrides.get("dtype"), device)
+    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    backbone.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return DiffusionLM(backbone, tokenizer, spec)
+
+
+def save_model(model: DiffusionLM, path: Path, **kwargs: Any) -> None:
+    """Write model + tokenizer + family spec so `load_model(path)` rebuilds the same DiffusionLM."""
+    path.mkdir(parents=True, exist_ok=True)
+    _import_families()
+    saver = FAMILY_SAVERS.get(model.family)
+    if saver is not None:  # a published family saves in its own published layout
+        saver(model, path, **kwargs)
+        return
+    model.backbone.config.tracerl_diffusion = asdict(model.spec)
+    model.backbone.save_pretrained(path, **kwargs)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(path)
+
+
+def _import_families() -> None:
+    """Family modules register themselves on import; importing here avoids an import cycle with base.py."""
+    import importlib
+
+    for module in ("llada", "dream", "sdar", "remote"):
+        try:
+            importlib.import_module(f"tracerl.models.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"tracerl.models.{module}":
+                raise

@@ -1,0 +1,70 @@
+"""RolloutConfig: how the sampler denoises (names follow LLaDA / Fast-dLLM / TRL where they exist)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracerl.errors import UserError
+
+REMASKING = ("low_confidence", "top_margin", "entropy", "random")
+
+
+@dataclass
+class RolloutConfig:
+    max_completion_length: int = 64  # L: response tokens generated per prompt
+    steps: int = 64  # denoising steps over the whole response (static schedule)
+    block_length: int | None = None  # semi-AR block length; None = the model's block_size (block diffusion) or L
+    remasking: str = "low_confidence"  # which masked positions to commit first: low_confidence | top_margin |
+    #   entropy | random
+    threshold: float | None = None  # dynamic policy (Fast-dLLM): commit every position whose confidence exceeds it
+    #   (at least one per step); the static `steps` schedule is then ignored
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache
+    seed: int | None = None  # None = the global torch RNG
+
+    def validate(self) -> None:
+        L = self.max_completion_length
+        if L < 1:
+            raise UserError(f"max_completion_length must be >= 1, got {L}")
+        if self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if self.remasking not in REMASKING:
+            raise UserError(f"remasking={self.remasking!r} is not one of {', '.join(REMASKING)}")
+        if self.threshold is not None:
+            if not 0.0 < self.threshold <= 1.0:
+                raise UserError(f"threshold must lie in (0, 1], got {self.threshold}")
+            if self.remasking not in ("low_confidence", "top_margin"):
+                raise UserError(
+                    f"threshold needs a probability-like confidence (remasking low_confidence or top_margin), "
+                    f"got remasking={self.remasking!r}"
+                )
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+    def resolve_block_length(self, model_block_size: int | None) -> int:
+        """The block length the sampler walks: the model's attention block for block diffusion."""
+        L = self.max_completion_length
+        if model_block_size is not None:
+            if self.block_length not in (None, model_block_size):
+                raise UserError(
+                    f"block_length={self.block_length} differs from the model's block_size={model_block_size}; "
+                    "a block-diffusion model must be sampled in its own blocks (set block_length: null)"
+                )
+            block = model_block_size
+        else:
+            block = self.block_length or L
+        if L % block:
+            raise UserError(f"max_completion_length={L} is not a multiple of block_length={block}")
+        num_blocks = L // block
+        if self.threshold is None and self.steps % num_blocks:
+            raise UserError(
+                f"steps={self.steps} cannot be divided over {num_blocks} blocks "
+                f"(max_completion_length={L} / block_length={block}); use a multiple of {num_blocks}"
+            )
+        return block

@@ -1,0 +1,136 @@
+"""The Trajectory: what happened at every denoising step of a batch of rollouts.
+
+Coordinates: each row is `[prompt (left-padded to P) | response (L)]`, the *frame* the sampler ran on. Block
+boundaries are absolute positions in that frame, so the training replay can rebuild exactly the attention pattern
+the rollout used. Steps are global per batch: step t is the t-th denoising forward of the rollout; a row that had
+nothing to commit in a forward simply has no token with that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+FORMAT = "tracerl.Trajectory/1"
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: torch.Tensor  # [N, P] int64, left-padded with pad_token_id
+    prompt_mask: torch.Tensor  # [N, P] bool, True = real prompt token
+    response_ids: torch.Tensor  # [N, L] int64, the committed tokens (never re-tokenised text)
+    unmask_step: torch.Tensor  # [N, L] int64, global step at which the position was filled (>= 0 everywhere)
+    action_mask: torch.Tensor  # [N, L] bool, True = sampled by the policy; False = padding filled after an EOS
+    behaviour_logprob: torch.Tensor  # [N, L] float32, log-prob of the committed token under its sampling dist.
+    block_bounds: torch.Tensor  # [K + 1] int64, absolute frame positions where blocks start (last = P + L)
+    group_id: torch.Tensor  # [N] int64, rows with equal id answer the same prompt (G samples per prompt)
+    num_forwards: int  # model forwards the sampler spent on the whole batch
+    mask_token_id: int
+    pad_token_id: int  # the token written after an EOS (the EOS itself, as LLaDA/Dream are trained)
+    eos_token_id: int
+    block_size: int | None  # None = full attention (semi-AR blocks are a schedule, not an attention pattern)
+    temperature: float  # the temperature behaviour_logprob was taken at (0 = greedy: log-prob at temperature 1)
+
+    # ---- shapes ---------------------------------------------------------------------------------------------
+    @property
+    def num_sequences(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def response_length(self) -> int:
+        return self.response_ids.shape[1]
+
+    @property
+    def num_steps(self) -> int:
+        """Number of global steps used (max step index + 1)."""
+        return int(self.unmask_step.max().item()) + 1 if self.unmask_step.numel() else 0
+
+    # ---- derived views --------------------------------------------------------------------------------------
+    def sequences(self) -> torch.Tensor:
+        """[N, P + L] the full final frame."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[N, P + L] int64, 1 = real token (left padding of the prompt = 0)."""
+        resp = torch.ones_like(self.response_ids)
+        return torch.cat([self.prompt_mask.long(), resp], dim=1)
+
+    def state_before(self, step: int | torch.Tensor) -> torch.Tensor:
+        """[N, P + L] frame before `step`: response tokens with unmask_step < step, `[MASK]` elsewhere.
+
+        `step` may be an int or a [N] tensor (a different step per row).
+        """
+        step = torch.as_tensor(step, device=self.unmask_step.device)
+        if step.dim() == 1:
+            step = step[:, None]
+        committed = self.unmask_step < step
+        resp = torch.where(committed, self.response_ids, torch.full_like(self.response_ids, self.mask_token_id))
+        return torch.cat([self.prompt_ids, resp], dim=1)
+
+    def completion_mask(self) -> torch.Tensor:
+        """[N, L] bool: positions up to and including the first EOS (what the completion text is made of)."""
+        is_eos = self.response_ids == self.eos_token_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        return ~after_eos
+
+    def completion_lengths(self) -> torch.Tensor:
+        """[N] int64, completion tokens per row, EOS excluded."""
+        eos = self.response_ids == self.eos_token_id
+        return (self.completion_mask() & ~eos).sum(-1)
+
+    def steps_per_sequence(self) -> torch.Tensor:
+        """[N] number of distinct steps in which the row committed at least one sampled token."""
+        steps = torch.where(self.action_mask, self.unmask_step, torch.full_like(self.unmask_step, -1))
+        return torch.tensor([len(set(row.tolist()) - {-1}) for row in steps])
+
+    def block_of_position(self) -> torch.Tensor:
+        """[L] int64, block index of each response position."""
+        pos = torch.arange(self.prompt_length, self.prompt_length + self.response_length)
+        return torch.bucketize(pos, self.block_bounds[1:], right=True)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "Trajectory":
+        """A trajectory holding only `rows` (for sharding or filtering)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and f.name != "block_bounds":
+                v = v[rows]
+            values[f.name] = v
+        return Trajectory(**values)
+
+    def to(self, device: torch.device | str) -> "Trajectory":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Trajectory(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+    # ---- persistence ----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        torch.save({"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trajectory":
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if data.pop("format", None) != FORMAT:
+            raise ValueError(f"{path}: not a TraceRL trajectory file")
+        return cls(**data)
+
+    @staticmethod
+    def concat(parts: list["Trajectory"]) -> "Trajectory":
+        """Join trajectories of equal frame shape (e.g. gathered from ranks); num_forwards adds up."""
+        first = parts[0]
+        values = {}
+        for f in fields(first):
+            items = [getattr(p, f.name) for p in parts]
+            if f.name == "num_forwards":
+                values[f.name] = sum(items)
+            elif isinstance(items[0], torch.Tensor) and f.name != "block_bounds":
+                values[f.name] = torch.cat(items, dim=0)
+            else:
+                values[f.name] = items[0]
+        return Trajectory(**values)
