@@ -1,0 +1,75 @@
+"""The reward contract (TRL's) and helpers shared by the built-in rewards.
+
+A reward is any callable `f(prompts, completions, **kwargs) -> list[float | None]`:
+  prompts, completions  one entry per sample; plain strings, or TRL's conversational form
+                        (a list of {"role", "content"} messages)
+  kwargs                every other dataset column (one value per sample), plus `trajectory` (the batch's
+                        per-step record, opaque) and `trainer_state` (step, epoch) when the trainer has them
+  return                one float per sample, or None where the reward does not apply to that sample
+`async def` rewards are awaited, concurrently with each other.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Awaitable, Protocol, Sequence, Union
+
+Reward = Union[float, None]
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: list, completions: list,
+                 **kwargs: Any) -> Union[Sequence[Reward], Awaitable[Sequence[Reward]]]: ...
+
+
+class RewardError(RuntimeError):
+    """A reward function misbehaved (raised, wrong length, NaN/inf, wrong type, timed out).
+
+    `reward` is the reward's name; `index` the sample index when one sample is at fault (None for the batch).
+    """
+
+    def __init__(self, reward: str, message: str, index: int | None = None) -> None:
+        where = f" at sample {index}" if index is not None else ""
+        super().__init__(f"reward '{reward}'{where}: {message}")
+        self.reward, self.index, self.detail = reward, index, message
+
+
+def content_text(content: Any) -> str:
+    """A message's content: a string, or a list of parts such as {"type": "text", "text": ...}."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return "" if content is None else str(content)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the concatenated contents of a conversational message list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return content_text(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        return "".join(content_text(m.get("content", "")) if isinstance(m, dict) else str(m) for m in completion)
+    raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def column(kwargs: dict, names: Sequence[str], reward: str, n: int) -> list:
+    """The first present column among `names`, checked to hold one value per sample."""
+    for name in names:
+        if name in kwargs and kwargs[name] is not None:
+            values = list(kwargs[name])
+            if len(values) != n:
+                raise ValueError(f"column '{name}' has {len(values)} values for {n} completions")
+            return values
+    wanted = " or ".join(f"'{c}'" for c in names)
+    raise ValueError(f"the {reward} reward needs a {wanted} column in the dataset (columns given: "
+                     f"{sorted(k for k in kwargs if k not in ('trajectory', 'trainer_state'))})")
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+def answer_span(text: str) -> str | None:
+    """The content of the last <answer>...</answer> block, if any."""
+    found = _ANSWER_TAG.findall(text)
+    return found[-1] if found else None

@@ -1,0 +1,60 @@
+"""`sudoku` reward (4x4 and 9x9): the fraction of the puzzle's empty cells the completion fills correctly.
+
+Columns: `puzzle` (16 or 81 digits, row-major, 0 = empty; a string, or a list / nested lists of ints) and
+`solution` (same forms, no zeros).
+Grid parsing rule: if the completion has an <answer>...</answer> block, only the last such block is read;
+the grid is the *last* 16 (4x4) or 81 (9x9) digits 0-9 in that text, in order, so separators, spaces, line
+breaks, "|" and box borders are ignored. Fewer digits than cells: unparsable, reward 0. Given cells are
+not scored (a completion that changes them only loses nothing there); a 0 in an empty cell is wrong.
+Puzzles without empty cells: None (nothing to score).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .protocol import answer_span, column, completion_text
+
+
+def digits(value: Any) -> str:
+    """The digits of a grid given as a string or (nested) lists of ints."""
+    if isinstance(value, str):
+        return "".join(re.findall(r"\d", value))
+    if isinstance(value, (list, tuple)):
+        return "".join(digits(v) for v in value)
+    return str(int(value))
+
+
+def parse_grid(text: str, cells: int) -> str | None:
+    """The last `cells` digits of the completion's answer (see the module docstring), or None."""
+    span = answer_span(text)
+    found = re.findall(r"\d", span if span is not None else text)
+    return "".join(found[-cells:]) if len(found) >= cells else None
+
+
+def score(puzzle: str, solution: str, completion: str) -> float | None:
+    if len(puzzle) not in (16, 81) or len(solution) != len(puzzle):
+        raise ValueError(f"sudoku puzzle/solution must have 16 or 81 digits, got {len(puzzle)}/{len(solution)}")
+    empty = [i for i, d in enumerate(puzzle) if d == "0"]
+    if not empty:
+        return None
+    grid = parse_grid(completion, len(puzzle))
+    if grid is None:
+        return 0.0
+    return sum(grid[i] == solution[i] for i in empty) / len(empty)
+
+
+class SudokuReward:
+    """See the module docstring. Options: puzzle_column ("puzzle"), solution_column ("solution")."""
+
+    __name__ = "sudoku"
+
+    def __init__(self, puzzle_column: str = "puzzle", solution_column: str = "solution") -> None:
+        self.puzzle_column, self.solution_column = puzzle_column, solution_column
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
+        n = len(completions)
+        puzzles = column(kwargs, [self.puzzle_column], "sudoku", n)
+        solutions = column(kwargs, [self.solution_column], "sudoku", n)
+        return [None if p is None or s is None else score(digits(p), digits(s), completion_text(c))
+                for c, p, s in zip(completions, puzzles, solutions)]

@@ -1,0 +1,73 @@
+"""Run tracking: metrics.jsonl always, Weights & Biases when asked, a one-line progress print on rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        report_to: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+        project: str | None = None,
+        run_name: str | None = None,
+        is_main: bool = True,
+        logging_steps: int = 1,
+    ):
+        self.is_main = is_main
+        self.logging_steps = max(1, logging_steps)
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        if not is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if "wandb" in (report_to or []):
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=project or os.environ.get("WANDB_PROJECT", "tracerl"),
+                name=run_name,
+                config=config or {},
+                dir=str(Path(output_dir)),
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if step % self.logging_steps == 0:
+            keys = ("reward", "reward_std", "loss", "kl", "clip_ratio", "completions/mean_length", "perf/step_seconds")
+            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+            print(f"[step {step}] {shown}", file=sys.stderr, flush=True)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if self.is_main and self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
