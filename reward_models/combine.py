@@ -1,0 +1,285 @@
+"""RewardSet: several rewards, weighted, run concurrently, validated, with metrics.
+
+total[i] = sum over functions f of weight_f * r_f[i], skipping None (TRL's nansum: a sample where every
+function returned None totals 0, with a warning). Each function's values are checked: one per completion,
+each a finite real number or None. A function that raises, returns the wrong count or a bad value, or
+exceeds `timeout_s` produces a RewardError naming the reward (and the sample, when one is at fault):
+  on_error="raise"  raise it (default; never a silent wrong reward)
+  on_error="zero"   score the affected samples 0, count them in `reward_errors/<name>`, log a warning
+When a function raises on the batch, it is re-run one sample at a time to find the failing samples (their
+neighbours keep the values of those single-sample calls; list columns are sliced, other keyword arguments
+such as `trajectory` are passed whole). Sync rewards run on a thread pool, async ones on one persistent
+event loop, all at once. A timed-out sync reward cannot be killed: its thread is abandoned.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import inspect
+import logging
+import math
+import numbers
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from .loader import check_weight, load_reward, parse_spec
+from .protocol import RewardError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardResult:
+    total: torch.Tensor  # [N] float32: weighted sum over functions, None skipped
+    per_function: torch.Tensor  # [N, F] float32: NaN where a function returned None
+    names: list[str]
+    weights: list[float]
+    metrics: dict[str, float]  # rewards/<name>/mean, rewards/<name>/std, reward_errors/<name>
+    errors: list[RewardError] = field(default_factory=list)
+
+
+@dataclass
+class _Outcome:
+    values: Any = None  # the batch call's raw return value
+    per_sample: dict[int, Any] | None = None  # after a batch failure: index -> single-sample return value
+    sample_errors: dict[int, BaseException] = field(default_factory=dict)
+    batch_error: BaseException | None = None
+
+
+def _accepted(fn: Any) -> set[str] | None:
+    """Keyword names `fn` takes, or None if it takes **kwargs (TRL's convention)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def _slice(columns: dict, i: int, n: int) -> dict:
+    out = {}
+    for key, value in columns.items():
+        sliceable = hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, (str, dict))
+        out[key] = value[i:i + 1] if sliceable and len(value) == n else value
+    return out
+
+
+def _to_float(value: Any) -> float | None:
+    """None stays None; a real number (bool, int, numpy scalar, 0-d tensor) becomes float; else TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) or (hasattr(value, "__float__") and not isinstance(value, (str, bytes))):
+        return float(value)
+    raise TypeError(f"returned {type(value).__name__} {value!r}, expected a float or None")
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+class RewardSet:
+    """Weighted rewards from specs (see reward_models.loader for the spec forms).
+
+    >>> rs = RewardSet([{"fn": "format", "weight": 0.5}, "countdown"])
+    >>> rs(["p"], ["<think>.</think><answer>3*5+1</answer>"], nums=[[3, 5, 1]], target=[16]).total
+    tensor([1.5000])
+    """
+
+    def __init__(self, specs: Iterable[Any], on_error: str = "raise", timeout_s: float | None = None,
+                 base_dir: str | None = None, locate_errors: bool = True) -> None:
+        if on_error not in ("raise", "zero"):
+            raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        self.on_error, self.timeout_s, self.locate_errors = on_error, timeout_s, locate_errors
+        self.fns: list[Any] = []
+        self.names: list[str] = []
+        self.weights: list[float] = []
+        for item in specs:
+            spec = parse_spec(item)
+            fn = load_reward(spec.fn, base_dir=base_dir, **spec.kwargs)
+            name = spec.name or getattr(fn, "__name__", None) or type(fn).__name__
+            base, k = name, 1
+            while name in self.names:  # metrics keys must be unique
+                k += 1
+                name = f"{base}_{k}"
+            self.fns.append(fn)
+            self.names.append(name)
+            self.weights.append(check_weight(name, spec.weight))
+        if not self.fns:
+            raise ValueError("RewardSet needs at least one reward")
+        self._accepts = [_accepted(fn) for fn in self.fns]
+        self._async = [_is_async(fn) for fn in self.fns]
+        self._pool = cf.ThreadPoolExecutor(len(self.fns) + 1, thread_name_prefix="reward")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- calling one function -----------------------------------------------------------------------
+    def _kwargs(self, k: int, prompts: list, completions: list, columns: dict) -> dict:
+        kwargs = {"prompts": prompts, "completions": completions, **columns}
+        accepts = self._accepts[k]
+        return kwargs if accepts is None else {key: v for key, v in kwargs.items() if key in accepts}
+
+    def _single(self, k: int, i: int, prompts: list, completions: list, columns: dict) -> dict:
+        return self._kwargs(k, prompts[i:i + 1], completions[i:i + 1], _slice(columns, i, len(completions)))
+
+    def _task_sync(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
+        try:
+            return _Outcome(values=self.fns[k](**self._kwargs(k, prompts, completions, columns)))
+        except Exception as e:  # noqa: BLE001 - reported as a RewardError by the caller
+            out = _Outcome(batch_error=e, per_sample={})
+        if self.locate_errors and len(completions) > 1:
+            for i in range(len(completions)):
+                try:
+                    out.per_sample[i] = self.fns[k](**self._single(k, i, prompts, completions, columns))
+                except Exception as e:  # noqa: BLE001
+                    out.sample_errors[i] = e
+        return out
+
+    async def _task_async(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
+        try:
+            return _Outcome(values=await self.fns[k](**self._kwargs(k, prompts, completions, columns)))
+        except Exception as e:  # noqa: BLE001
+            out = _Outcome(batch_error=e, per_sample={})
+        if self.locate_errors and len(completions) > 1:
+            for i in range(len(completions)):
+                try:
+                    out.per_sample[i] = await self.fns[k](**self._single(k, i, prompts, completions, columns))
+                except Exception as e:  # noqa: BLE001
+                    out.sample_errors[i] = e
+        return out
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """One loop for the RewardSet's lifetime, so async clients cached by a reward stay usable."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="reward-async", daemon=True).start()
+        return self._loop
+
+    def _submit(self, k: int, args: tuple) -> cf.Future:
+        if self._async[k]:
+            return asyncio.run_coroutine_threadsafe(self._task_async(k, *args), self._event_loop())
+        return self._pool.submit(self._task_sync, k, *args)
+
+    def _wait(self, k: int, future: cf.Future, deadline: float | None, n: int) -> _Outcome | RewardError:
+        try:
+            return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except cf.TimeoutError:
+            future.cancel()  # cancels an async reward; a sync one keeps its thread, so use a fresh pool
+            if not self._async[k]:
+                self._pool.shutdown(wait=False)
+                self._pool = cf.ThreadPoolExecutor(len(self.fns) + 1, thread_name_prefix="reward")
+            return RewardError(self.names[k], f"timed out after {self.timeout_s}s on a batch of {n} samples")
+
+    # --- validation -------------------------------------------------------------------------------------
+    def _check_values(self, k: int, raw: Any, n: int, offset: int = 0) -> tuple[list, dict[int, RewardError]]:
+        """(values, {index: error}) for one return value covering samples offset .. offset + n - 1."""
+        name = self.names[k]
+        if isinstance(raw, torch.Tensor) or hasattr(raw, "tolist"):
+            raw = raw.tolist()
+        if not isinstance(raw, (list, tuple)):
+            err = RewardError(name, f"returned {type(raw).__name__}, expected a list of {n} floats or None")
+            return [None] * n, {offset + i: err for i in range(n)}
+        if len(raw) != n:
+            err = RewardError(name, f"returned {len(raw)} values for {n} completions")
+            return [None] * n, {offset + i: err for i in range(n)}
+        values, errors = [], {}
+        for i, v in enumerate(raw):
+            try:
+                f = _to_float(v)
+                if f is not None and not math.isfinite(f):
+                    raise ValueError(f"returned {f}, which is not a finite number")
+                values.append(f)
+            except (TypeError, ValueError) as e:
+                values.append(None)
+                errors[offset + i] = RewardError(name, str(e), offset + i)
+        return values, errors
+
+    def _values(self, k: int, outcome: _Outcome | RewardError, n: int) -> tuple[list, dict[int, RewardError]]:
+        name = self.names[k]
+        if isinstance(outcome, RewardError):
+            return [None] * n, {i: outcome for i in range(n)}
+        if outcome.batch_error is None:
+            return self._check_values(k, outcome.values, n)
+        e = outcome.batch_error
+        if not outcome.sample_errors:  # not located (one sample, locating off, or only the batch fails)
+            err = RewardError(name, f"raised {type(e).__name__}: {e}", 0 if n == 1 else None)
+            return [None] * n, {i: err for i in range(n)}
+        values, errors = [None] * n, {}
+        for i in range(n):
+            if i in outcome.sample_errors:
+                s = outcome.sample_errors[i]
+                errors[i] = RewardError(name, f"raised {type(s).__name__}: {s}", i)
+            else:
+                single, errs = self._check_values(k, outcome.per_sample[i], 1, offset=i)
+                values[i] = single[0]
+                errors.update(errs)
+        return values, errors
+
+    # --- the batch --------------------------------------------------------------------------------------
+    def __call__(self, prompts: list | None, completions: list, **columns: Any) -> RewardResult:
+        """Score a batch; `columns` are the dataset columns plus trajectory / trainer_state."""
+        completions = list(completions)
+        n = len(completions)
+        prompts = [None] * n if prompts is None else list(prompts)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} completions")
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        futures = [self._submit(k, (prompts, completions, columns)) for k in range(len(self.fns))]
+        table, found = [], []
+        for k, future in enumerate(futures):
+            values, errors = self._values(k, self._wait(k, future, deadline, n), n)
+            table.append(values)
+            found.append(errors)
+        first = next((e for errs in found for e in errs.values()), None)
+        if first is not None and self.on_error == "raise":
+            others = sum(len(errs) for errs in found) - 1
+            raise RewardError(first.reward, first.detail + (f" (and {others} more)" if others else ""), first.index)
+        for k, errors in enumerate(found):
+            for i in errors:
+                table[k][i] = 0.0
+            if errors:
+                logger.warning("reward '%s': %d sample(s) scored 0 after errors; first: %s", self.names[k],
+                               len(errors), next(iter(errors.values())))
+        return self._result(table, found, n)
+
+    def _result(self, table: list[list], found: list[dict], n: int) -> RewardResult:
+        matrix = torch.tensor([[math.nan if v is None else v for v in col] for col in table],
+                              dtype=torch.float64).T.reshape(n, len(self.fns))  # [N, F]
+        weights = torch.tensor(self.weights, dtype=torch.float64)
+        total = (matrix * weights).nansum(dim=1)  # [N]; a None contributes nothing (TRL's convention)
+        none_everywhere = matrix.isnan().all(dim=1).nonzero().flatten().tolist()
+        if none_everywhere:
+            logger.warning("every reward returned None for sample(s) %s; their total is 0", none_everywhere[:10])
+        metrics: dict[str, float] = {}
+        for k, name in enumerate(self.names):
+            valid = [v for v in table[k] if v is not None]
+            mean = sum(valid) / len(valid) if valid else math.nan
+            var = sum((v - mean) ** 2 for v in valid) / (len(valid) - 1) if len(valid) > 1 else 0.0
+            metrics[f"rewards/{name}/mean"] = mean
+            metrics[f"rewards/{name}/std"] = math.sqrt(var) if valid else math.nan
+            metrics[f"reward_errors/{name}"] = float(len(found[k]))
+        errors = [e for errs in found for e in errs.values()]
+        return RewardResult(total=total.float(), per_function=matrix.float(), names=list(self.names),
+                            weights=list(self.weights), metrics=metrics, errors=errors)
+
+    def close(self) -> None:
+        """Stop the pools and any sandbox / verifier processes the rewards started."""
+        self._pool.shutdown(wait=False)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        for fn in self.fns:
+            if hasattr(fn, "close"):
+                fn.close()
+
+    def __enter__(self) -> "RewardSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

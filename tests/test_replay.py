@@ -1,0 +1,71 @@
+"""Replay rows: the first PPO ratio is exactly 1 because the rows rebuild the rollout's own states."""
+
+import pytest
+import torch
+
+from tests.conftest import encode
+from tracerl.credit import shrink_steps
+from tracerl.replay import build_replay, token_logprobs
+from tracerl.rollout import RolloutConfig, generate
+
+PROMPTS = ["hello", "abcdefg hij", "x"]  # P = 11 padded: not a multiple of block_size 4
+
+
+def _rollout(model, **kw):
+    cfg = dict(max_completion_length=16, steps=8, block_length=None if model.block_size else 8, seed=0)
+    return generate(model, encode(model, PROMPTS), RolloutConfig(**{**cfg, **kw}))
+
+
+@pytest.mark.parametrize("kind", ["full", "block"])
+def test_trace_rows_reproduce_behaviour_logprobs(kind, full_model, block_model):
+    model = full_model if kind == "full" else block_model
+    traj = _rollout(model)
+    batch = build_replay(traj, traj.unmask_step, "trace")
+    lp, _ = token_logprobs(model, batch, batch.targets(traj), temperature=1.0)
+    old = batch.gather(traj.behaviour_logprob)
+    assert (lp - old)[batch.loss_mask].abs().max().item() < 1e-5
+    # every action token is scored exactly once
+    counts = torch.zeros_like(traj.behaviour_logprob)
+    rows = batch.source_row[:, None].expand_as(batch.source_pos)[batch.loss_mask]
+    counts.index_put_((rows, batch.source_pos[batch.loss_mask]), torch.ones(len(rows)), accumulate=True)
+    assert torch.equal(counts.bool(), traj.action_mask) and counts.max() == 1
+
+
+def test_packed_block_replay_costs_max_steps_per_block(block_model):
+    traj = _rollout(block_model, max_completion_length=16, steps=16)  # 1 token per step, 4 steps per full block
+    assert traj.block_bounds.tolist() == [11, 12, 16, 20, 24, 27]
+    batch = build_replay(traj, traj.unmask_step, "trace")
+    assert batch.forwards_per_response == 4  # max steps per block, not 16 steps
+    shrunk = shrink_steps(traj.unmask_step, traj.action_mask, 2, traj.block_of_position())
+    assert build_replay(traj, shrunk, "trace").forwards_per_response == 2
+    # the packed rows equal the rollout's states: log-probs agree at 1e-5 in float32
+    lp, _ = token_logprobs(block_model, batch, batch.targets(traj), 1.0)
+    assert (lp - batch.gather(traj.behaviour_logprob))[batch.loss_mask].abs().max() < 1e-5
+
+
+def test_full_attention_rows_per_shrunk_step(full_model):
+    traj = _rollout(full_model)  # 8 steps per row
+    assert build_replay(traj, traj.unmask_step, "trace").forwards_per_response == 8
+    shrunk = shrink_steps(traj.unmask_step, traj.action_mask, 4)
+    batch = build_replay(traj, shrunk, "trace")
+    assert batch.forwards_per_response == 2
+    # a merged group is trained from the state before its first step: steps 0 and 4
+    first_row = batch.input_ids[batch.source_row == 0]
+    P = traj.prompt_length
+    assert torch.equal(first_row[0, P:], traj.state_before(0)[0, P:])
+    assert torch.equal(first_row[1, P:], traj.state_before(4)[0, P:])
+
+
+@pytest.mark.parametrize("estimator,rows_per_seq", [("random_masking", 1), ("coupled", 2)])
+def test_random_estimators(full_model, estimator, rows_per_seq):
+    traj = _rollout(full_model)
+    gen = torch.Generator().manual_seed(0)
+    batch = build_replay(traj, traj.unmask_step, estimator, p_mask_prompt=0.5, generator=gen)
+    assert batch.num_rows == rows_per_seq * traj.num_sequences
+    P = traj.prompt_length
+    scored = batch.loss_mask[:, P:]
+    assert (batch.input_ids[:, P:][scored] == traj.mask_token_id).all()  # scored tokens are masked in the input
+    assert ((batch.input_ids[:, :P] == traj.mask_token_id) & traj.prompt_mask[batch.source_row]).any()
+    if estimator == "coupled":  # a mask and its complement: every action token scored exactly once
+        per_seq = scored.view(traj.num_sequences, 2, -1).sum(1)
+        assert torch.equal(per_seq.bool(), traj.action_mask) and per_seq.max() == 1

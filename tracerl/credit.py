@@ -1,0 +1,303 @@
+"""Credit assignment: from rewards to per-token advantages (pure functions over tensors, no model).
+
+Notation (TraceRL): response token j of a row was committed at step t_j; trace step t covers tau_t = {j : t_j = t}.
+G responses per prompt form a group (equal `group_id`).
+
+Two estimators:
+
+- GRPO (no value model): A_i = (R_i - mean_group R) / (std + eps), broadcast to every action token of row i.
+- Step-level GAE (value model): per-step means r*_t, V*_t over tau_t and the recursion
+      delta_t = r*_t - V*_t + gamma V*_{t+1},   A*_t = delta_t + gamma lam A*_{t+1},
+  with token advantages A_j = (r_j - V_j) + gamma V*_{t+1} + gamma lam A*_{t+1}.
+
+`shrink_steps` merges every s consecutive steps of a row into one training step (TraceRL shrinkage), and
+`place_rewards` writes outcome / process rewards onto the tokens of the (merged) steps.
+
+Dtypes: results are float32, or float64 when the inputs are float64 (tests check formulas in float64).
+Everything here is bookkeeping, not differentiated: inputs are detached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ScaleRewards = Literal["group", "batch", "none"]
+
+
+@dataclass
+class Advantages:
+    advantages: Tensor  # [N, L] float32, 0 outside token_mask
+    returns: Tensor | None  # [N, L] float32 value targets (value-model path only), 0 outside token_mask
+    token_mask: Tensor  # [N, L] bool, tokens that take part in the update
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _float_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, promoted to float64 when an input is float64 (never lower than float32: bf16 values are upcast)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype) if t.is_floating_point() else dtype
+    return dtype
+
+
+# ---- GRPO: group-relative outcome advantages ----------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_id: Tensor,
+    scale_rewards: ScaleRewards = "group",
+    eps: float = 1e-4,
+) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages, TRL GRPO semantics -> (advantages [N], zero_std_mask [N] bool).
+
+    A_i = R_i - mean_{g(i)} R, then
+      "group": A_i / (std_{g(i)} R + eps);  "batch": A_i / (std_batch R + eps);  "none": A_i (Dr. GRPO).
+    std is unbiased (torch.std). NaN rewards (unscorable) are left out of every statistic and get A = 0.
+    A group with fewer than two scored rows has zero spread. zero_std_mask marks rows whose group has zero spread
+    (max == min, exact, so float noise in the mean cannot hide it); their advantage is exactly 0 in every mode.
+    """
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    dtype = _float_dtype(rewards)
+    r = rewards.detach().to(dtype)  # [N]
+    finite = torch.isfinite(r)  # [N]
+    r0 = torch.where(finite, r, torch.zeros_like(r))  # NaN-free copy for the sums
+    uniq, inv = torch.unique(group_id, return_inverse=True)  # [N] dense group index: ids may be any values
+    num_groups = uniq.numel()
+    zeros = torch.zeros(num_groups, dtype=dtype, device=r.device)  # [G]
+    count = zeros.index_add(0, inv, finite.to(dtype))  # [G] scored rows per group
+    mean = zeros.index_add(0, inv, r0) / count.clamp(min=1)  # [G]
+    dev = torch.where(finite, r0 - mean[inv], torch.zeros_like(r0))  # [N]
+    var = zeros.index_add(0, inv, dev * dev) / (count - 1).clamp(min=1)  # [G] unbiased
+    hi = torch.full_like(zeros, -torch.inf).scatter_reduce(0, inv, torch.where(finite, r0, -torch.inf), "amax")
+    lo = torch.full_like(zeros, torch.inf).scatter_reduce(0, inv, torch.where(finite, r0, torch.inf), "amin")
+    zero_std = ((count < 2) | (hi == lo))[inv]  # [N]
+    if scale_rewards == "group":
+        dev = dev / (var.sqrt()[inv] + eps)
+    elif scale_rewards == "batch":
+        n = finite.sum()
+        batch_mean = r0.sum() / n.clamp(min=1)
+        batch_var = torch.where(finite, r0 - batch_mean, 0.0).pow(2).sum() / (n - 1).clamp(min=1)
+        dev = dev / (batch_var.sqrt() + eps)
+    adv = torch.where(finite & ~zero_std, dev, torch.zeros_like(dev))  # [N]
+    return adv, zero_std
+
+
+def keep_mask(zero_std_mask: Tensor, drop_zero_std: bool) -> Tensor:
+    """[N] bool rows to train on: all of them, or (drop_zero_std) only rows whose group has reward spread."""
+    return ~zero_std_mask if drop_zero_std else torch.ones_like(zero_std_mask, dtype=torch.bool)
+
+
+def broadcast_to_tokens(advantages: Tensor, token_mask: Tensor) -> Tensor:
+    """[N] -> [N, L]: every token of row i gets A_i; 0 outside token_mask."""
+    a = advantages[:, None].expand(token_mask.shape)
+    return torch.where(token_mask, a, torch.zeros_like(a))
+
+
+def grpo_advantages(
+    rewards: Tensor,
+    group_id: Tensor,
+    action_mask: Tensor,
+    scale_rewards: ScaleRewards = "group",
+    eps: float = 1e-4,
+    drop_zero_std: bool = False,
+) -> Advantages:
+    """GRPO token advantages [N, L] = group advantage of the row on each of its action tokens (returns None).
+
+    token_mask = action_mask & keep_mask & finite reward.
+    """
+    adv, zero_std = group_advantages(rewards, group_id, scale_rewards, eps)
+    keep = keep_mask(zero_std, drop_zero_std) & torch.isfinite(rewards)  # [N]
+    token_mask = action_mask & keep[:, None]  # [N, L]
+    stats = torch.stack([zero_std.float().mean(), keep.float().sum()]).tolist()  # one device sync
+    metrics = {"frac_reward_zero_std": stats[0], "trajectory/rows_kept": stats[1]}
+    return Advantages(broadcast_to_tokens(adv, token_mask), None, token_mask, metrics)
+
+
+# ---- step ranks and shrinkage ---------------------------------------------------------------------------------
+
+
+def _dense_rank(steps: Tensor, mask: Tensor, segment: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rank the distinct masked steps inside each segment (vectorised: one sort over composite keys).
+
+    steps, mask, segment: [N, L]; segment >= 0 is the bucket whose steps are ranked together (a row, or a
+    (row, block) pair). Returns (uniq [U] sorted keys, inv [N, L] index into uniq, rank [U] rank of each key in
+    its segment, start [U] index of the segment's first key, span scalar) with key = segment * span + step.
+    Unmasked positions all share one sentinel key past every real one; their entries are meaningless.
+    """
+    steps = steps.long()
+    if bool((mask & (steps < 0)).any()):  # a negative step would fall into the previous segment's keys
+        raise ValueError("action positions must have non-negative steps")
+    span = torch.where(mask, steps, torch.zeros_like(steps)).amax() + 1  # scalar, > every masked step
+    sentinel = (segment.amax() + 1) * span
+    key = torch.where(mask, segment * span + steps, sentinel)  # [N, L]
+    uniq, inv = torch.unique(key.flatten(), sorted=True, return_inverse=True)  # [U], [N*L]
+    seg = uniq // span  # [U]
+    pos = torch.arange(uniq.numel(), device=uniq.device)  # [U]
+    is_start = torch.ones_like(seg, dtype=torch.bool)
+    is_start[1:] = seg[1:] != seg[:-1]
+    # index of the segment's first key, carried forward: cummax of (pos where a segment starts, else 0)
+    start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(0).values  # [U]
+    return uniq, inv.view(steps.shape), pos - start, start, span
+
+
+def shrink_steps(
+    unmask_step: Tensor,
+    action_mask: Tensor,
+    s: int,
+    block_of_position: Tensor | None = None,
+) -> Tensor:
+    """TraceRL shrinkage -> train_step [N, L] int64.
+
+    Per row (and per block when block_of_position [L] or [N, L] is given: counting restarts in each block, a
+    group never straddles two blocks), sort the distinct steps of the row's actions t_1 < t_2 < ... and merge
+    every s consecutive ones into a group {t_1..t_s}, {t_{s+1}..t_{2s}}, ...; each action gets the FIRST step
+    of its group, because a merged group is trained from the state before its first step.
+    Non-action positions keep their own unmask_step.
+    Example: steps [0, 0, 1, 2, 2, 3, 5], s=2 -> groups {0,1} {2,3} {5} -> [0, 0, 0, 2, 2, 2, 5].
+    """
+    if s < 1:
+        raise ValueError(f"shrink s must be >= 1, got {s}")
+    n, length = unmask_step.shape
+    rows = torch.arange(n, device=unmask_step.device)[:, None]  # [N, 1]
+    if block_of_position is None:
+        segment = rows.expand(n, length)  # [N, L]
+    else:
+        blocks = block_of_position.to(unmask_step.device).long().expand(n, length)  # [N, L]
+        segment = rows * (blocks.amax() + 1) + blocks  # one bucket per (row, block)
+    uniq, inv, rank, start, span = _dense_rank(unmask_step, action_mask, segment)
+    first = start + torch.div(rank, s, rounding_mode="floor") * s  # [U] key index of the group's first step
+    first_step = uniq[first] % span  # [U]
+    return torch.where(action_mask, first_step[inv], unmask_step.long())
+
+
+# ---- reward placement ----------------------------------------------------------------------------------------
+
+
+def place_rewards(
+    outcome: Tensor,
+    unmask_step: Tensor,
+    action_mask: Tensor,
+    process_rewards: Tensor | None = None,
+    train_step: Tensor | None = None,
+) -> Tensor:
+    """Per-token rewards r [N, L] for step-level GAE.
+
+    A reward for step t is written on EVERY action token of tau_t, so the per-step mean r*_t equals it.
+    outcome [N] goes to the row's last (training) step. process_rewards [N, T] (T > max step) gives a reward per
+    global step. With train_step [N, L] (from shrink_steps) rewards sit on merged groups: a group's reward is the
+    SUM of the process rewards of the raw steps it merges (+ the outcome for the row's last group). Only steps in
+    which the row committed an action are counted: a step with no token of the row has nowhere to be written.
+    """
+    dtype = _float_dtype(outcome, *([process_rewards] if process_rewards is not None else []))
+    ts = (unmask_step if train_step is None else train_step).long()  # [N, L] training step of each token
+    zero = torch.zeros((), dtype=dtype, device=outcome.device)
+    last = torch.where(action_mask, ts, torch.full_like(ts, -1)).amax(-1, keepdim=True)  # [N, 1]
+    r = torch.where(action_mask & (ts == last), outcome.detach().to(dtype)[:, None], zero)  # [N, L]
+    if process_rewards is None:
+        return r
+    p = process_rewards.detach().to(dtype)  # [N, T]
+    num_t = p.shape[1]
+    raw = torch.where(action_mask, unmask_step.long(), torch.zeros_like(ts))  # [N, L]
+    if bool((raw >= num_t).any()):
+        raise ValueError(f"process_rewards has {num_t} steps but an action was committed at step {int(raw.max())}")
+    # group (training step) of every raw step the row acted in; amin makes each raw step count once
+    group_of = torch.full_like(p, num_t, dtype=torch.long).scatter_reduce(
+        1, raw, torch.where(action_mask, ts, num_t), "amin"
+    )  # [N, T], num_t where the row did not act
+    acted = group_of < num_t
+    group_reward = torch.zeros_like(p).scatter_add(
+        1, torch.where(acted, group_of, 0), torch.where(acted, p, zero)
+    )  # [N, T] indexed by a group's first step
+    placed = group_reward.gather(1, torch.where(action_mask, ts, 0))  # [N, L]
+    return r + torch.where(action_mask, placed, zero)
+
+
+# ---- step-level GAE ------------------------------------------------------------------------------------------
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _gae_metrics(adv: Tensor, ret: Tensor, v: Tensor, mask: Tensor, steps_per_row: Tensor) -> dict[str, float]:
+    """Masked means and explained variance 1 - Var(R - V) / Var(R) (NaN when the returns have no spread)."""
+    n = mask.sum().clamp(min=1)
+    ret_mean = _masked_mean(ret, mask)
+    err = ret - v
+    err_mean = _masked_mean(err, mask)
+    var_ret = torch.where(mask, (ret - ret_mean) ** 2, 0.0).sum() / n
+    var_err = torch.where(mask, (err - err_mean) ** 2, 0.0).sum() / n
+    ev = torch.where(var_ret > 0, 1 - var_err / var_ret, torch.nan)
+    acted = steps_per_row > 0
+    steps_mean = _masked_mean(steps_per_row.to(adv.dtype), acted)
+    vals = torch.stack([_masked_mean(adv, mask), ret_mean, _masked_mean(v, mask), ev, steps_mean]).tolist()
+    names = ["value/advantages_mean", "value/returns_mean", "value/values_mean", "value/explained_variance",
+             "trajectory/train_steps_mean"]
+    return dict(zip(names, vals))
+
+
+def step_gae(
+    values: Tensor,
+    rewards: Tensor,
+    train_step: Tensor,
+    action_mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> Advantages:
+    """Step-level GAE over each row's own steps -> Advantages with returns.
+
+    Per row, its distinct action steps t_1 < ... < t_T; "t+1" is the row's next step; quantities at T+1 are 0.
+      r*_t, V*_t = means of r_j, V_j over tau_t
+      delta_t = r*_t - V*_t + gamma V*_{t+1};        A*_t = delta_t + gamma lam A*_{t+1}
+      A_j = (r_j - V_j) + gamma V*_{t+1} + gamma lam A*_{t+1}
+      R*_t = r*_t + gamma R*_{t+1};                  R_j = r_j + gamma R*_{t+1}
+    With gamma = lam = 1 and only an outcome R on the last step, A_j = R - V_j and R_j = R.
+    Vectorised over rows; the loop runs over step ranks only.
+    """
+    dtype = _float_dtype(values, rewards)
+    m = action_mask  # [N, L]
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    v = torch.where(m, values.detach().to(dtype), zero)  # [N, L]; NaN at padding must not reach the sums
+    r = torch.where(m, rewards.detach().to(dtype), zero)  # [N, L]
+    n = m.shape[0]
+    rows = torch.arange(n, device=m.device)[:, None].expand(m.shape)
+    _, inv, rank_u, _, _ = _dense_rank(train_step, m, rows)
+    rank = torch.where(m, rank_u[inv], 0)  # [N, L] rank k of the token's step within its row
+    steps_per_row = torch.where(m, rank + 1, 0).amax(-1) if m.shape[1] else torch.zeros(n, dtype=torch.long)
+    num_t = int(steps_per_row.max()) if n else 0  # device sync: the loop length
+    count = torch.zeros(n, num_t + 1, dtype=dtype, device=m.device).scatter_add(1, rank, m.to(dtype))
+    r_star = torch.zeros_like(count).scatter_add(1, rank, r) / count.clamp(min=1)  # [N, T+1], col T = 0
+    v_star = torch.zeros_like(count).scatter_add(1, rank, v) / count.clamp(min=1)  # [N, T+1]
+    a_star = torch.zeros_like(count)  # [N, T+1]; ranks past a row's last step stay 0 (all inputs there are 0)
+    ret_star = torch.zeros_like(count)  # [N, T+1]
+    for k in range(num_t - 1, -1, -1):
+        delta = r_star[:, k] - v_star[:, k] + gamma * v_star[:, k + 1]  # [N]
+        a_star[:, k] = delta + gamma * lam * a_star[:, k + 1]
+        ret_star[:, k] = r_star[:, k] + gamma * ret_star[:, k + 1]
+    nxt = rank + 1  # [N, L] rank of the row's next step
+    adv = r - v + gamma * v_star.gather(1, nxt) + gamma * lam * a_star.gather(1, nxt)
+    ret = r + gamma * ret_star.gather(1, nxt)
+    adv, ret = torch.where(m, adv, zero), torch.where(m, ret, zero)
+    return Advantages(adv, ret, m.clone(), _gae_metrics(adv, ret, v, m, steps_per_row))
+
+
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Masked normalisation: (x - mean) / sqrt(var + eps) over mask (unbiased var); + mean back if not shift_mean.
+
+    0 outside mask. Fewer than two masked entries: var = 0.
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    x = torch.where(mask, values, zero)
+    n = mask.sum()
+    mean = x.sum() / n.clamp(min=1)
+    var = torch.where(mask, (x - mean) ** 2, zero).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, zero)

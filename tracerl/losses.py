@@ -1,0 +1,266 @@
+"""Policy / value losses and their aggregation (pure functions over per-token tensors, no model).
+
+Every loss is sum_j w_j * l_j with token weights w [R, L] computed ONCE over the whole batch (`token_weights`):
+a batch split into micro-batches (gradient accumulation) then sums to exactly the full-batch loss, whatever the
+aggregation mode. Inputs at masked-out positions are replaced by 0 before any arithmetic, so a NaN or inf there
+(padding logits, -inf log-probs) can reach neither the loss nor the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Agg = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant"]
+KLKind = Literal["k1", "k2", "k3"]
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # [] differentiable scalar
+    metrics: dict[str, float] = field(default_factory=dict)  # masked means over this call's tokens
+
+
+# ---- aggregation ---------------------------------------------------------------------------------------------
+
+
+def _group_sizes(key: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """For integer keys [R, L]: (size of each position's key group [R, L], number of groups []) over `valid`."""
+    sentinel = key.amax() + 1 if key.numel() else key.new_zeros(())
+    key = torch.where(valid, key, sentinel)  # invalid positions share one extra group, subtracted below
+    uniq, inv, counts = torch.unique(key.flatten(), return_inverse=True, return_counts=True)
+    num_groups = uniq.numel() - int((~valid).any())
+    return counts[inv].view(key.shape), torch.tensor(num_groups, device=key.device)
+
+
+def token_weights(
+    mask: Tensor,
+    agg: Agg = "token-mean",
+    step_ids: Tensor | None = None,
+    seq_ids: Tensor | None = None,
+    constant: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Token weights w [R, L] over the WHOLE batch; loss = sum_j w_j l_j. Zero outside mask.
+
+    mask [R, L] bool; step_ids [R, L] int64 (-1 where nothing scored; needed for step-mean); seq_ids [R] int64
+    (sequence of each training row: one sequence's tokens may spread over several rows; None = arange(R)).
+      token-mean:     w = 1 / #tokens
+      step-mean:      w = 1 / (#groups * |group|), group = (sequence, step), possibly spanning rows
+      sequence-mean:  w = 1 / (#sequences * #tokens of the sequence)   (sequences with tokens)
+      sequence-sum:   w = 1 / constant, constant = L * #sequences by default (Dr. GRPO); "constant" is an alias.
+    """
+    rows, length = mask.shape
+    if seq_ids is None:
+        seq_ids = torch.arange(rows, device=mask.device)
+    _, seq = torch.unique(seq_ids, return_inverse=True)  # [R] dense sequence index
+    seq_tok = seq[:, None].expand(rows, length)  # [R, L]
+    if agg == "token-mean":
+        w = 1.0 / mask.sum().clamp(min=1).double()
+        valid = mask
+    elif agg == "sequence-mean":
+        size, n = _group_sizes(seq_tok, mask)
+        w, valid = 1.0 / (n * size).clamp(min=1).double(), mask
+    elif agg == "step-mean":
+        if step_ids is None:
+            raise ValueError("agg='step-mean' needs step_ids")
+        valid = mask & (step_ids >= 0)
+        step = torch.where(valid, step_ids, 0)
+        size, n = _group_sizes(seq_tok * (step.amax() + 1) + step, valid)  # key = (sequence, step)
+        w = 1.0 / (n * size).clamp(min=1).double()
+    elif agg in ("sequence-sum", "constant"):
+        c = float(constant) if constant is not None else float(length * int(seq.amax() + 1 if rows else 0))
+        if c <= 0:
+            raise ValueError(f"aggregation constant must be > 0, got {c}")
+        w, valid = torch.tensor(1.0 / c, dtype=torch.float64, device=mask.device), mask
+    else:
+        raise ValueError(f"unknown loss aggregation {agg!r}")
+    w = torch.as_tensor(w).expand(rows, length)
+    return torch.where(valid, w, torch.zeros((), dtype=w.dtype, device=w.device)).to(dtype)
+
+
+def aggregate(per_token: Tensor, weights: Tensor) -> Tensor:
+    """sum_j w_j l_j; positions with w_j = 0 are skipped even when l_j is NaN/inf (where, not 0 * NaN = NaN)."""
+    w = weights.to(per_token.dtype)
+    return torch.where(w != 0, w * per_token, torch.zeros((), dtype=per_token.dtype, device=w.device)).sum()
+
+
+def _masked_metrics(named: dict[str, Tensor], mask: Tensor) -> dict[str, float]:
+    """Masked means of detached per-token tensors, read back with a single device sync."""
+    if not named:
+        return {}
+    n = mask.sum().clamp(min=1)
+    means = [torch.where(mask, t.detach(), 0.0).sum() / n for t in named.values()]
+    return dict(zip(named.keys(), torch.stack([m.double() for m in means]).tolist()))
+
+
+# ---- KL and entropy ------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: KLKind = "k3", log_ratio_clamp: float = 20.0) -> Tensor:
+    """Per-token KL(pi || ref) estimators (Schulman), d = logp - ref:
+      k1 = d;   k2 = 0.5 d^2;   k3 = exp(-d) + d - 1 = exp(ref - logp) - (ref - logp) - 1 >= 0,
+    with ref - logp clamped to +-log_ratio_clamp before exp. k3 uses expm1 so rounding never makes it negative.
+    """
+    d = logprob - ref_logprob
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        x = (-d).clamp(-log_ratio_clamp, log_ratio_clamp)
+        return torch.expm1(x) - x
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Entropy [...] float32 of softmax(logits [..., V]): H = logsumexp(z) - sum_v softmax(z)_v z_v.
+
+    -inf logits (banned tokens) contribute 0 and no NaN gradient: they are zeroed before the product.
+    chunk_size bounds how many positions are processed at once (peak memory ~ chunk_size x V floats).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])  # [P, V]
+    step = chunk_size or max(flat.shape[0], 1)
+    parts = []
+    for i in range(0, flat.shape[0], step):
+        z = flat[i : i + step].float()  # [C, V]
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [C, 1]
+        p = torch.exp(z - lse)  # [C, V], exactly 0 where z = -inf
+        z_safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+        parts.append(lse.squeeze(-1) - (p * z_safe).sum(-1))
+    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+    return out.view(logits.shape[:-1])
+
+
+# ---- policy loss ---------------------------------------------------------------------------------------------
+
+
+def _ppo_terms(
+    lp: Tensor, old: Tensor, adv: Tensor, eps_low: float, eps_high: float, clamp: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip per-token loss -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(clamp(logp - old)).
+
+    Clip counters follow TRL: low = rho < 1 - eps_low with A < 0, high = rho > 1 + eps_high with A > 0.
+    """
+    ratio = torch.exp((lp - old).clamp(-clamp, clamp))  # [R, L]
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = -torch.minimum(ratio * adv, clipped * adv)
+    r, a = ratio.detach(), adv.detach()
+    low = ((r < 1.0 - eps_low) & (a < 0)).to(r.dtype)
+    high = ((r > 1.0 + eps_high) & (a > 0)).to(r.dtype)
+    return loss, {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high}
+
+
+def _ratio_metrics(lp: Tensor, old: Tensor, mask: Tensor, clamp: float) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-token ratio and approx-KL tensors for the masked means, and the masked max ratio []."""
+    d = (lp - old).detach()
+    ratio = torch.exp(d.clamp(-clamp, clamp))
+    ratio_max = torch.where(mask, ratio, -torch.inf).amax() if mask.any() else ratio.new_zeros(())
+    return {"policy/ratio_mean": ratio, "policy/approx_kl": 0.5 * d * d}, ratio_max
+
+
+def policy_loss(
+    logprob: Tensor,
+    old_logprob: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    kind: Literal["ppo", "reinforce"] = "ppo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    log_ratio_clamp: float = 20.0,
+    *,
+    weights: Tensor | None = None,
+    agg: Agg = "token-mean",
+    step_ids: Tensor | None = None,
+    ref_logprob: Tensor | None = None,
+    beta: float = 0.0,
+    kl_kind: KLKind = "k3",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> LossOutput:
+    """loss = sum_j w_j [ l_j + beta KL_j - entropy_coef H_j ]   (all per-token tensors [R, L]).
+
+    ppo:        l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A),  rho = exp(clamp(logp - old, +-clamp))
+    reinforce:  l = -A logp   (old_logprob optional; only used for the ratio metrics)
+    weights: from token_weights over the whole batch (micro-batching); None = token_weights(mask, agg, step_ids)
+    over this call. Metrics: clip_ratio (= clip_ratio/region_mean), clip_ratio/{low,high,region}_mean, kl,
+    entropy, policy/ratio_mean, policy/ratio_max, policy/approx_kl = mean 0.5 (logp - old)^2.
+    """
+    zero = torch.zeros((), dtype=logprob.dtype, device=logprob.device)
+    lp = torch.where(mask, logprob, zero)  # [R, L] masked inputs -> 0 before any arithmetic
+    adv = torch.where(mask, advantages.to(lp.dtype), zero)
+    old = None if old_logprob is None else torch.where(mask, old_logprob.to(lp.dtype), zero)
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    if kind == "ppo":
+        if old is None:
+            raise ValueError("kind='ppo' needs old_logprob")
+        per_token, named = _ppo_terms(lp, old, adv, epsilon_low, eps_high, log_ratio_clamp)
+    elif kind == "reinforce":
+        per_token, named = -adv * lp, {}
+    else:
+        raise ValueError(f"unknown policy loss {kind!r}")
+    if beta != 0.0 and ref_logprob is None:
+        raise ValueError("beta != 0 needs ref_logprob")
+    if ref_logprob is not None:
+        kl = kl_penalty(lp, torch.where(mask, ref_logprob.to(lp.dtype), zero), kl_kind, log_ratio_clamp)
+        per_token = per_token + beta * kl if beta != 0.0 else per_token
+        named["kl"] = kl
+    if entropy is not None:
+        ent = torch.where(mask, entropy.to(lp.dtype), zero)
+        per_token = per_token - entropy_coef * ent if entropy_coef != 0.0 else per_token
+        named["entropy"] = ent
+    elif entropy_coef != 0.0:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    ratio_max = None
+    if old is not None:
+        more, ratio_max = _ratio_metrics(lp, old, mask, log_ratio_clamp)
+        named.update(more)
+    w = weights if weights is not None else token_weights(mask, agg, step_ids, dtype=lp.dtype)
+    loss = aggregate(per_token, torch.where(mask, w.to(lp.dtype), zero))
+    metrics = _masked_metrics(named, mask)
+    if "clip_ratio/region_mean" in metrics:
+        metrics["clip_ratio"] = metrics["clip_ratio/region_mean"]
+    if ratio_max is not None:
+        metrics["policy/ratio_max"] = float(ratio_max)
+    return LossOutput(loss, metrics)
+
+
+# ---- value loss ----------------------------------------------------------------------------------------------
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float | None = 0.2,
+    *,
+    weights: Tensor | None = None,
+    agg: Agg = "token-mean",
+    step_ids: Tensor | None = None,
+) -> LossOutput:
+    """Clipped value loss: l = 0.5 max((V - R)^2, (V_clip - R)^2), V_clip = old + clamp(V - old, +-clip_range).
+
+    clip_range None = unclipped 0.5 (V - R)^2. Metrics: value/loss (mean l), value/clipfrac (share of tokens
+    where the clipped term is the larger), value/values_mean, value/returns_mean, value/mse (mean (V - R)^2).
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    v = torch.where(mask, values, zero)  # [R, L]
+    old = torch.where(mask, old_values.to(v.dtype), zero)
+    ret = torch.where(mask, returns.to(v.dtype), zero)
+    err = (v - ret) ** 2
+    if clip_range is None:
+        per_token, clipfrac = 0.5 * err, torch.zeros_like(err)
+    else:
+        v_clip = old + (v - old).clamp(-clip_range, clip_range)
+        err_clip = (v_clip - ret) ** 2
+        per_token = 0.5 * torch.maximum(err, err_clip)
+        clipfrac = (err_clip > err).to(v.dtype)
+    w = weights if weights is not None else token_weights(mask, agg, step_ids, dtype=v.dtype)
+    loss = aggregate(per_token, torch.where(mask, w.to(v.dtype), zero))
+    named = {"value/loss": per_token, "value/clipfrac": clipfrac, "value/values_mean": v,
+             "value/returns_mean": ret, "value/mse": err}
+    return LossOutput(loss, _masked_metrics(named, mask))
