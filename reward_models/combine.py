@@ -1,7 +1,8 @@
 """RewardSet: several rewards, weighted, run concurrently, validated, with metrics.
 
-total[i] = sum over functions f of weight_f * r_f[i], skipping None (TRL's nansum: a sample where every
-function returned None totals 0, with a warning). Each function's values are checked: one per completion,
+total[i] = sum over functions f of weight_f * r_f[i], skipping None (TRL's nansum); a sample where every
+function returned None totals NaN ("no reward applies": the trainer leaves it out of its statistics), with
+a warning. Each function's values are checked: one per completion,
 each a finite real number or None. A function that raises, returns the wrong count or a bad value, or
 exceeds `timeout_s` produces a RewardError naming the reward (and the sample, when one is at fault):
   on_error="raise"  raise it (default; never a silent wrong reward)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RewardResult:
-    total: torch.Tensor  # [N] float32: weighted sum over functions, None skipped
+    total: torch.Tensor  # [N] float32: weighted sum over functions, None skipped; NaN where all were None
     per_function: torch.Tensor  # [N, F] float32: NaN where a function returned None
     names: list[str]
     weights: list[float]
@@ -94,6 +95,8 @@ class RewardSet:
 
     def __init__(self, specs: Iterable[Any], on_error: str = "raise", timeout_s: float | None = None,
                  base_dir: str | None = None, locate_errors: bool = True) -> None:
+        if callable(specs) or isinstance(specs, (str, dict)):  # a single reward
+            specs = [specs]
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
         if timeout_s is not None and not timeout_s > 0:
@@ -175,7 +178,8 @@ class RewardSet:
             if not self._async[k]:
                 self._pool.shutdown(wait=False)
                 self._pool = cf.ThreadPoolExecutor(len(self.fns) + 1, thread_name_prefix="reward")
-            return RewardError(self.names[k], f"timed out after {self.timeout_s}s on a batch of {n} samples")
+            return RewardError(self.names[k], f"timed out after {self.timeout_s}s (RewardSet timeout_s)",
+                               batch_size=n)
 
     # --- validation -------------------------------------------------------------------------------------
     def _check_values(self, k: int, raw: Any, n: int, offset: int = 0) -> tuple[list, dict[int, RewardError]]:
@@ -183,11 +187,11 @@ class RewardSet:
         name = self.names[k]
         if isinstance(raw, torch.Tensor) or hasattr(raw, "tolist"):
             raw = raw.tolist()
-        if not isinstance(raw, (list, tuple)):
-            err = RewardError(name, f"returned {type(raw).__name__}, expected a list of {n} floats or None")
-            return [None] * n, {offset + i: err for i in range(n)}
-        if len(raw) != n:
-            err = RewardError(name, f"returned {len(raw)} values for {n} completions")
+        if not isinstance(raw, (list, tuple)) or len(raw) != n:
+            got = f"{len(raw)} values" if isinstance(raw, (list, tuple)) else f"a {type(raw).__name__}"
+            detail = f"returned {got}, expected a list of {n} floats or None (one per completion)"
+            # a single-sample re-run names its sample; a batch call can only name the whole batch
+            err = RewardError(name, detail, offset) if n == 1 else RewardError(name, detail, batch_size=n)
             return [None] * n, {offset + i: err for i in range(n)}
         values, errors = [], {}
         for i, v in enumerate(raw):
@@ -209,7 +213,8 @@ class RewardSet:
             return self._check_values(k, outcome.values, n)
         e = outcome.batch_error
         if not outcome.sample_errors:  # not located (one sample, locating off, or only the batch fails)
-            err = RewardError(name, f"raised {type(e).__name__}: {e}", 0 if n == 1 else None)
+            err = RewardError(name, f"raised {type(e).__name__}: {e}", 0 if n == 1 else None,
+                              batch_size=None if n == 1 else n)
             return [None] * n, {i: err for i in range(n)}
         values, errors = [None] * n, {}
         for i in range(n):
@@ -240,7 +245,8 @@ class RewardSet:
         first = next((e for errs in found for e in errs.values()), None)
         if first is not None and self.on_error == "raise":
             others = sum(len(errs) for errs in found) - 1
-            raise RewardError(first.reward, first.detail + (f" (and {others} more)" if others else ""), first.index)
+            raise RewardError(first.reward, first.detail + (f" (and {others} more)" if others else ""),
+                              first.index, first.batch_size)
         for k, errors in enumerate(found):
             for i in errors:
                 table[k][i] = 0.0
@@ -254,9 +260,11 @@ class RewardSet:
                               dtype=torch.float64).T.reshape(n, len(self.fns))  # [N, F]
         weights = torch.tensor(self.weights, dtype=torch.float64)
         total = (matrix * weights).nansum(dim=1)  # [N]; a None contributes nothing (TRL's convention)
-        none_everywhere = matrix.isnan().all(dim=1).nonzero().flatten().tolist()
-        if none_everywhere:
-            logger.warning("every reward returned None for sample(s) %s; their total is 0", none_everywhere[:10])
+        no_reward = matrix.isnan().all(dim=1)  # [N]
+        total[no_reward] = math.nan  # "nothing applies" must stay distinguishable from a reward of 0
+        if no_reward.any():
+            logger.warning("every reward returned None for sample(s) %s; their total is NaN",
+                           no_reward.nonzero().flatten().tolist()[:10])
         metrics: dict[str, float] = {}
         for k, name in enumerate(self.names):
             valid = [v for v in table[k] if v is not None]

@@ -15,6 +15,7 @@ timeout_seconds=None), safe in any thread but with no time bound beyond `max_ans
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -123,6 +124,19 @@ class VerifierPool:
                                                stderr=subprocess.DEVNULL, text=True, bufsize=1)
         return self.workers[k]
 
+    def _send(self, k: int, line: str) -> subprocess.Popen | None:
+        """Write one request to worker k, restarting it once if it died since its last answer."""
+        for _ in range(2):
+            worker = self._start(k)
+            try:
+                worker.stdin.write(line)
+                worker.stdin.flush()
+                return worker
+            except OSError:  # BrokenPipeError: the worker exited (killed, out of memory)
+                self._kill(k)
+        logger.warning("math reward: a Math-Verify worker could not be started; answer scored 0")
+        return None
+
     def _kill(self, k: int) -> None:
         proc, self.workers[k] = self.workers[k], None
         if proc is not None:
@@ -140,8 +154,9 @@ class VerifierPool:
                     if k not in busy and todo:
                         i = todo.pop()
                         gold, pred = pairs[i]
-                        worker = self._start(k)
-                        worker.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
+                        worker = self._send(k, json.dumps({"gold": gold, "pred": pred}) + "\n")
+                        if worker is None:
+                            continue  # no worker would start: the answer stays unequal
                         startup = 0.0 if worker.pid in self._warm else 60.0  # first answer waits for imports
                         busy[k] = (i, time.monotonic() + self.timeout_s + startup)
                 self._collect(busy, results)
@@ -198,7 +213,13 @@ class MathReward:
         self.pattern = re.compile(pattern) if pattern else None
         self.answer_column, self.isolation = answer_column, isolation
         self.max_answer_chars = max_answer_chars
-        self._pool = VerifierPool(num_workers, timeout_s) if isolation == "process" else None
+        # Without Math-Verify the cheap comparison (normalised strings, exact numbers) is the whole check.
+        self.use_math_verify = importlib.util.find_spec("math_verify") is not None
+        if not self.use_math_verify:
+            logger.warning("math reward: math-verify is not installed; comparing normalised strings and exact "
+                           "numbers only (pip install math-verify)")
+        use_pool = isolation == "process" and self.use_math_verify
+        self._pool = VerifierPool(num_workers, timeout_s) if use_pool else None
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         answers = column(kwargs, [self.answer_column], "math", len(completions))
@@ -213,7 +234,7 @@ class MathReward:
                 rewards[i] = 0.0
             elif cheap_equal(pred, gold):
                 rewards[i] = 1.0
-            elif len(pred) > self.max_answer_chars or len(gold) > self.max_answer_chars:
+            elif not self.use_math_verify or max(len(pred), len(gold)) > self.max_answer_chars:
                 rewards[i] = 0.0
             else:
                 hard[i] = (f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}") if self._pool else (gold, pred)

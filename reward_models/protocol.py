@@ -24,13 +24,31 @@ class RewardFn(Protocol):
 class RewardError(RuntimeError):
     """A reward function misbehaved (raised, wrong length, NaN/inf, wrong type, timed out).
 
-    `reward` is the reward's name; `index` the sample index when one sample is at fault (None for the batch).
+    `reward` is the reward's name; `index` the sample index when one sample is at fault; `batch_size` is set
+    instead when the whole batch is at fault (a wrong number of values, a timeout, an error that could not be
+    narrowed to single samples), and the message then says "all N samples".
     """
 
-    def __init__(self, reward: str, message: str, index: int | None = None) -> None:
-        where = f" at sample {index}" if index is not None else ""
+    def __init__(self, reward: str, message: str, index: int | None = None,
+                 batch_size: int | None = None) -> None:
+        if index is None and batch_size == 1:
+            index, batch_size = 0, None
+        if index is not None:
+            where = f" at sample {index}"
+        elif batch_size is not None:
+            where = f" on all {batch_size} samples of the batch (indices 0..{batch_size - 1})"
+        else:
+            where = ""
         super().__init__(f"reward '{reward}'{where}: {message}")
-        self.reward, self.index, self.detail = reward, index, message
+        self.reward, self.index, self.batch_size, self.detail = reward, index, batch_size, message
+
+
+class RewardSpecError(ValueError):
+    """A reward spec that cannot be turned into a reward (unknown name, missing file/attribute, bad option).
+
+    A ValueError, so a caller treating user mistakes as ValueErrors reports it as one; the message names
+    the spec as the user wrote it.
+    """
 
 
 def content_text(content: Any) -> str:

@@ -88,13 +88,16 @@ def aggregate(per_token: Tensor, weights: Tensor) -> Tensor:
     return torch.where(w != 0, w * per_token, torch.zeros((), dtype=per_token.dtype, device=w.device)).sum()
 
 
-def _masked_metrics(named: dict[str, Tensor], mask: Tensor) -> dict[str, float]:
-    """Masked means of detached per-token tensors, read back with a single device sync."""
-    if not named:
+def _masked_metrics(
+    named: dict[str, Tensor], mask: Tensor, scalars: dict[str, Tensor] | None = None
+) -> dict[str, float]:
+    """Masked means of detached per-token tensors (+ ready scalars), read back with a single device sync."""
+    scalars = scalars or {}
+    if not named and not scalars:
         return {}
     n = mask.sum().clamp(min=1)
-    means = [torch.where(mask, t.detach(), 0.0).sum() / n for t in named.values()]
-    return dict(zip(named.keys(), torch.stack([m.double() for m in means]).tolist()))
+    vals = [torch.where(mask, t.detach(), 0.0).sum() / n for t in named.values()] + list(scalars.values())
+    return dict(zip([*named, *scalars], torch.stack([v.detach().double() for v in vals]).tolist()))
 
 
 # ---- KL and entropy ------------------------------------------------------------------------------------------
@@ -121,6 +124,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor
 
     -inf logits (banned tokens) contribute 0 and no NaN gradient: they are zeroed before the product.
     chunk_size bounds how many positions are processed at once (peak memory ~ chunk_size x V floats).
+    Every position needs at least one finite logit.
     """
     flat = logits.reshape(-1, logits.shape[-1])  # [P, V]
     step = chunk_size or max(flat.shape[0], 1)
@@ -158,8 +162,37 @@ def _ratio_metrics(lp: Tensor, old: Tensor, mask: Tensor, clamp: float) -> tuple
     """Per-token ratio and approx-KL tensors for the masked means, and the masked max ratio []."""
     d = (lp - old).detach()
     ratio = torch.exp(d.clamp(-clamp, clamp))
-    ratio_max = torch.where(mask, ratio, -torch.inf).amax() if mask.any() else ratio.new_zeros(())
+    # masked max; 1.0 (not -inf) when there is no token, so the metric stays finite
+    ratio_max = torch.where(mask, ratio, -torch.inf).amax() if ratio.numel() else ratio.new_ones(())
+    ratio_max = torch.where(torch.isfinite(ratio_max), ratio_max, 1.0)
     return {"policy/ratio_mean": ratio, "policy/approx_kl": 0.5 * d * d}, ratio_max
+
+
+def _regularisers(
+    lp: Tensor,
+    mask: Tensor,
+    ref_logprob: Tensor | None,
+    beta: float,
+    kl_kind: KLKind,
+    clamp: float,
+    entropy: Tensor | None,
+    entropy_coef: float,
+    named: dict[str, Tensor],
+) -> Tensor:
+    """Per-token beta KL_j - entropy_coef H_j [R, L]; records `kl` / `entropy` in `named` whenever given."""
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    extra = torch.zeros_like(lp)
+    if beta != 0.0 and ref_logprob is None:
+        raise ValueError("beta != 0 needs ref_logprob")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    if ref_logprob is not None:
+        named["kl"] = kl_penalty(lp, torch.where(mask, ref_logprob.to(lp.dtype), zero), kl_kind, clamp)
+        extra = extra + beta * named["kl"]
+    if entropy is not None:
+        named["entropy"] = torch.where(mask, entropy.to(lp.dtype), zero)
+        extra = extra - entropy_coef * named["entropy"]
+    return extra
 
 
 def policy_loss(
@@ -199,32 +232,22 @@ def policy_loss(
             raise ValueError("kind='ppo' needs old_logprob")
         per_token, named = _ppo_terms(lp, old, adv, epsilon_low, eps_high, log_ratio_clamp)
     elif kind == "reinforce":
-        per_token, named = -adv * lp, {}
+        # nothing is clipped; the counters are still reported so every run logs the same keys
+        none = torch.zeros_like(adv)
+        per_token, named = -adv * lp, {f"clip_ratio/{k}_mean": none for k in ("low", "high", "region")}
     else:
         raise ValueError(f"unknown policy loss {kind!r}")
-    if beta != 0.0 and ref_logprob is None:
-        raise ValueError("beta != 0 needs ref_logprob")
-    if ref_logprob is not None:
-        kl = kl_penalty(lp, torch.where(mask, ref_logprob.to(lp.dtype), zero), kl_kind, log_ratio_clamp)
-        per_token = per_token + beta * kl if beta != 0.0 else per_token
-        named["kl"] = kl
-    if entropy is not None:
-        ent = torch.where(mask, entropy.to(lp.dtype), zero)
-        per_token = per_token - entropy_coef * ent if entropy_coef != 0.0 else per_token
-        named["entropy"] = ent
-    elif entropy_coef != 0.0:
-        raise ValueError("entropy_coef != 0 needs entropy")
-    ratio_max = None
+    per_token = per_token + _regularisers(lp, mask, ref_logprob, beta, kl_kind, log_ratio_clamp, entropy,
+                                          entropy_coef, named)
+    scalars = {}
     if old is not None:
-        more, ratio_max = _ratio_metrics(lp, old, mask, log_ratio_clamp)
+        more, scalars["policy/ratio_max"] = _ratio_metrics(lp, old, mask, log_ratio_clamp)
         named.update(more)
     w = weights if weights is not None else token_weights(mask, agg, step_ids, dtype=lp.dtype)
     loss = aggregate(per_token, torch.where(mask, w.to(lp.dtype), zero))
-    metrics = _masked_metrics(named, mask)
+    metrics = _masked_metrics(named, mask, scalars)
     if "clip_ratio/region_mean" in metrics:
         metrics["clip_ratio"] = metrics["clip_ratio/region_mean"]
-    if ratio_max is not None:
-        metrics["policy/ratio_max"] = float(ratio_max)
     return LossOutput(loss, metrics)
 
 

@@ -56,7 +56,7 @@ REMOTE_ADAPTERS: dict[str, RemoteAdapter] = {}
 
 
 def register_remote_adapter(model_type: str, adapter: RemoteAdapter) -> None:
-    """Declare how a remote-code family is driven, e.g. `register_remote_adapter("mdm", RemoteAdapter(logit_shift=1))`."""
+    """Declare how a remote-code family is driven: `register_remote_adapter("mdm", RemoteAdapter(logit_shift=1))`."""
     if adapter.attention not in ATTENTION_MODES:
         raise ValueError(f"RemoteAdapter.attention must be one of {ATTENTION_MODES}, got {adapter.attention!r}")
     REMOTE_ADAPTERS[model_type] = adapter
@@ -132,7 +132,9 @@ def load_remote(path: Path, config: dict, overrides: dict) -> DiffusionLM:
     try:
         model = auto.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     except Exception as exc:  # remote code fails in arbitrary ways on a newer transformers; report it as such
-        raise UserError(f"{path}: the checkpoint's own modeling code failed to load: {type(exc).__name__}: {exc}") from exc
+        raise UserError(
+            f"{path}: the checkpoint's own modeling code failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
     model.to(device).eval()
     tokenizer = load_tokenizer(path, trust_remote_code=True)
     mask_overrides = {"mask_token_id": overrides.get("mask_token_id", adapter.mask_token_id)}

@@ -48,7 +48,8 @@ def backbone_config(config: dict, head_dim: int | None = None) -> Qwen3Config:
     if config.get("num_experts"):
         raise UserError("sdar: MoE checkpoints (SDAR-30B-A3B) are not supported natively; only dense SDAR/TraDo")
     kwargs = qwen_config_kwargs("sdar", config, DEFAULTS)
-    kwargs["head_dim"] = int(config.get("head_dim") or head_dim or kwargs["hidden_size"] // kwargs["num_attention_heads"])
+    fallback = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    kwargs["head_dim"] = int(config.get("head_dim") or head_dim or fallback)
     return Qwen3Config(**kwargs, attention_bias=bool(config.get("attention_bias", False)))
 
 
