@@ -76,6 +76,8 @@ class LearnedReward:
         self.__name__ = os.path.basename(os.path.normpath(path)) or "reward_model"
 
     def text(self, prompt: Any, completion: Any) -> str:
+        """The text the model scores (see the module docstring); a missing prompt counts as empty."""
+        prompt = "" if prompt is None else prompt
         if not self.chat_template:
             prompt_text = prompt if isinstance(prompt, str) else completion_text(prompt)
             return prompt_text + completion_text(completion)
@@ -110,6 +112,6 @@ class LearnedReward:
         return scores
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-        prompts = prompts if prompts is not None else [""] * len(completions)
+        prompts = prompts if prompts is not None else [None] * len(completions)
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
         return self._normalise(self.raw_scores(texts))

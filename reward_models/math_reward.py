@@ -159,7 +159,8 @@ class VerifierPool:
                             continue  # no worker would start: the answer stays unequal
                         startup = 0.0 if worker.pid in self._warm else 60.0  # first answer waits for imports
                         busy[k] = (i, time.monotonic() + self.timeout_s + startup)
-                self._collect(busy, results)
+                if busy:
+                    self._collect(busy, results)
         return results
 
     def _collect(self, busy: dict[int, tuple[int, float]], results: list[bool]) -> None:
@@ -191,6 +192,8 @@ class VerifierPool:
 def _verify_inline(gold: str, pred: str) -> bool:
     from math_verify import parse, verify  # imported lazily: sympy takes ~2 s to import
 
+    # it warns on every call that its timeouts are off; disabling them is the point of inline mode
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
         g = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
         p = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)

@@ -1,7 +1,7 @@
 """`sudoku` reward (4x4 and 9x9): the fraction of the puzzle's empty cells the completion fills correctly.
 
-Columns: `puzzle` (16 or 81 digits, row-major, 0 = empty; a string, or a list / nested lists of ints) and
-`solution` (same forms, no zeros).
+Columns: `puzzle` (16 or 81 cells, row-major, 0 or "." = empty; a string, or a list / nested lists of
+ints, None = empty) and `solution` (same forms, no empty cells).
 Grid parsing rule: if the completion has an <answer>...</answer> block, only the last such block is read;
 the grid is the *last* 16 (4x4) or 81 (9x9) digits 0-9 in that text, in order, so separators, spaces, line
 breaks, "|" and box borders are ignored. Fewer digits than cells: unparsable, reward 0. Given cells are
@@ -16,12 +16,16 @@ from typing import Any
 from .protocol import answer_span, column, completion_text
 
 
-def digits(value: Any) -> str:
-    """The digits of a grid given as a string or (nested) lists of ints."""
+def digits(value: Any, blank: str = "") -> str:
+    """The digits of a grid given as a string or (nested) lists of ints; characters in `blank` (and None
+    list entries) count as empty cells, "0"."""
+    if value is None:
+        return "0"
     if isinstance(value, str):
-        return "".join(re.findall(r"\d", value))
+        cells = re.findall(r"\d" + (f"|[{re.escape(blank)}]" if blank else ""), value)
+        return "".join("0" if c in blank else c for c in cells)
     if isinstance(value, (list, tuple)):
-        return "".join(digits(v) for v in value)
+        return "".join(digits(v, blank) for v in value)
     return str(int(value))
 
 
@@ -56,5 +60,5 @@ class SudokuReward:
         n = len(completions)
         puzzles = column(kwargs, [self.puzzle_column], "sudoku", n)
         solutions = column(kwargs, [self.solution_column], "sudoku", n)
-        return [None if p is None or s is None else score(digits(p), digits(s), completion_text(c))
+        return [None if p is None or s is None else score(digits(p, blank="."), digits(s), completion_text(c))
                 for c, p, s in zip(completions, puzzles, solutions)]

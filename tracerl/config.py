@@ -43,7 +43,7 @@ class AlgorithmConfig:
     lam: float = 1.0  # GAE lambda
     value_clip: float | None = 0.2  # clipped value loss range (None = unclipped)
     value_learning_rate: float | None = None  # None = optimizer.learning_rate
-    whiten_advantages: bool = False  # normalise advantages over the batch (value-model path)
+    whiten_advantages: bool = True  # normalise GAE advantages over the batch (value-model path; as PPO and verl do)
 
 
 @dataclass
