@@ -122,6 +122,7 @@ class RewardSet:
         self._async = [_is_async(fn) for fn in self.fns]
         self._pool = cf.ThreadPoolExecutor(len(self.fns) + 1, thread_name_prefix="reward")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
 
     # --- calling one function -----------------------------------------------------------------------
     def _kwargs(self, k: int, prompts: list, completions: list, columns: dict) -> dict:
@@ -162,8 +163,30 @@ class RewardSet:
         """One loop for the RewardSet's lifetime, so async clients cached by a reward stay usable."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, name="reward-async", daemon=True).start()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="reward-async", daemon=True)
+            self._loop_thread.start()
         return self._loop
+
+    def _stop_event_loop(self) -> None:
+        """Cancel what is still running (timed-out rewards) and let it unwind before closing the loop."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=5)
+        except Exception:  # noqa: BLE001 - a reward that ignores cancellation: stop regardless
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        self._loop_thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
 
     def _submit(self, k: int, args: tuple) -> cf.Future:
         if self._async[k]:
@@ -280,8 +303,7 @@ class RewardSet:
     def close(self) -> None:
         """Stop the pools and any sandbox / verifier processes the rewards started."""
         self._pool.shutdown(wait=False)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._stop_event_loop()
         for fn in self.fns:
             if hasattr(fn, "close"):
                 fn.close()

@@ -32,7 +32,7 @@ from .protocol import column, completion_text
 
 logger = logging.getLogger(__name__)
 WORKER = Path(__file__).resolve().parent / "math_worker.py"
-_GSM8K = re.compile(r"####\s*([^\n]+)")
+_GSM8K = re.compile(r"####\s*([^\n#]+)")  # up to the end of the line or the next ####
 
 
 def last_boxed(text: str) -> str | None:
@@ -58,7 +58,8 @@ def last_boxed(text: str) -> str | None:
 
 def extract_answer(text: str, pattern: str | re.Pattern | None = None) -> str | None:
     if pattern is not None:
-        matches = list(re.finditer(pattern, text, re.DOTALL))
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern, re.DOTALL)
+        matches = list(regex.finditer(text))
         if not matches:
             return None
         last = matches[-1]
@@ -213,7 +214,7 @@ class MathReward:
                  timeout_s: float = 5.0, num_workers: int = 1, max_answer_chars: int = 1000) -> None:
         if isolation not in ("process", "inline"):
             raise ValueError(f"isolation must be 'process' or 'inline', got {isolation!r}")
-        self.pattern = re.compile(pattern) if pattern else None
+        self.pattern = re.compile(pattern, re.DOTALL) if pattern else None
         self.answer_column, self.isolation = answer_column, isolation
         self.max_answer_chars = max_answer_chars
         # Without Math-Verify the cheap comparison (normalised strings, exact numbers) is the whole check.

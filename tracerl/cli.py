@@ -64,11 +64,130 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="YAML recipe (recipes/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=10 model.path=DIR")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tracerl.build import build_model, build_rewards, make_backend
+    from tracerl.data import load_rows
+    from tracerl.recipe import load_config
+    from tracerl.trainer import RLTrainer
+
+    config = load_config(args.recipe, args.overrides)
+    rows = load_rows(config.data, "train")  # data and rewards fail before the model loads
+    rewards = build_rewards(config)
+    backend = make_backend(config, args.local_rank)
+    model = build_model(config.model, config.peft)
+    history = RLTrainer(config, model, rewards, rows, backend=backend).train()
+    if history and backend.is_main:
+        last = history[-1]
+        print(f"done: {len(history)} steps, last reward {last['reward']:.4f}; checkpoints in "
+              f"{config.trainer.output_dir}")
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from tracerl.build import build_model
+    from tracerl.config import SFTConfig
+    from tracerl.data import load_rows
+    from tracerl.recipe import load_config
+    from tracerl.sft import train_sft
+
+    config = load_config(args.recipe, args.overrides, kind=SFTConfig)
+    rows = load_rows(config.data, "train")
+    missing = [i for i, r in enumerate(rows) if config.sft.completion_column not in r]
+    if missing:
+        raise UserError(f"sft.completion_column: column {config.sft.completion_column!r} not found in row "
+                        f"{missing[0]}; columns found: {sorted(rows[missing[0]])}")
+    model = build_model(config.model, config.peft)
+    history = train_sft(model, rows, config)
+    print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}; model in "
+          f"{config.trainer.output_dir}/final")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracerl.build import build_model, build_rewards, write_jsonl
+    from tracerl.data import load_rows
+    from tracerl.evaluate import evaluate
+    from tracerl.recipe import load_config
+
+    config = load_config(args.recipe, args.overrides)
+    rows = load_rows(config.data, "eval")
+    rewards = build_rewards(config)
+    model = build_model(config.model, None, path=args.checkpoint or config.model.path)
+    summary, records = evaluate(model, rows, rewards, config, progress=True)
+    out = Path(config.eval.output_file or Path(config.trainer.output_dir) / "eval.jsonl")
+    write_jsonl(out, records)
+    for key, value in summary.items():
+        print(f"{key:>28}: {value:.4f}")
+    print(f"wrote {len(records)} samples to {out}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tracerl.config import RLConfig, SFTConfig
+    from tracerl.recipe import dump, help_texts, load_config, read_yaml
+
+    kind = SFTConfig if "sft" in read_yaml(args.recipe) else RLConfig
+    config = load_config(args.recipe, args.overrides, kind=kind)
+    if args.docs:
+        for key, text in help_texts(kind).items():
+            print(f"{key}: {text}")
+        return 0
+    print(dump(config), end="")
+    print(f"# {args.recipe}: valid {kind.__name__}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tracerl.build import resolve_checkpoint
+    from tracerl.models import load_model
+    from tracerl.peft_utils import load_adapter, merge_lora
+
+    source = resolve_checkpoint(args.checkpoint, key="checkpoint")
+    if (source / "adapter_config.json").is_file():
+        model = merge_lora(load_adapter(source, dtype=args.dtype, device="cpu", base_path=args.base))
+    else:
+        model = load_model(str(source), dtype=args.dtype, device="cpu")
+    model.save_pretrained(args.output)
+    print(f"wrote a full {model.family} checkpoint to {args.output}")
+    return 0
+
+
+def _add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="RL post-training from a recipe (deepspeed launcher: --module tracerl train)")
+    _recipe_args(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("sft", help="masked-diffusion supervised fine-tuning from a recipe")
+    _recipe_args(p)
+    p.set_defaults(func=_cmd_sft)
+    p = sub.add_parser("eval", help="reward and accuracy over the recipe's eval split; writes a JSONL")
+    _recipe_args(p)
+    p.add_argument("--checkpoint", default=None, help="checkpoint or model directory (default: model.path)")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("validate", help="print the resolved recipe, or the errors")
+    _recipe_args(p)
+    p.add_argument("--docs", action="store_true", help="print every key with its documentation")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("export", help="merge a LoRA adapter into a full checkpoint in the family's layout")
+    p.add_argument("checkpoint", help="checkpoint, adapter or model directory")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--base", default=None, help="base model directory (default: the adapter's base_model path)")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracerl", description="RL post-training of diffusion language models")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_commands(sub)
     return parser
 
 

@@ -22,6 +22,41 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # local jsonl / json / parquet / csv files
+    dataset_name: str | None = None  # a Hugging Face dataset name or local dataset directory (instead of files)
+    dataset_config: str | None = None  # the dataset's configuration name (e.g. "main" for gsm8k)
+    split: str = "train"  # split to train on
+    eval_files: list[str] = field(default_factory=list)  # held-out files for `tracerl eval` (default: eval_split)
+    eval_split: str = "test"  # split used by `tracerl eval` when no eval_files are given
+    prompt_column: str = "prompt"  # a string, or chat messages ([{role, content}, ...])
+    prompt_template: str | None = None  # build the prompt from other columns, e.g. "Solve: {puzzle}"
+    max_eval_samples: int | None = None  # evaluate at most this many rows
+
+
+@dataclass
+class PeftSection:
+    r: int | None = None  # LoRA rank; null = full fine-tuning
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"  # module names, or "all-linear"
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed: str | None = None  # DeepSpeed JSON config (recipes/deepspeed/zero2.json ...); null = plain torch
+
+
+@dataclass
+class EvalConfig:
+    temperature: float = 0.0  # evaluation sampling temperature (0 = greedy)
+    batch_size: int = 32  # prompts per rollout batch
+    num_generations: int = 1  # completions per prompt
+    success_threshold: float = 1.0  # a sample counts as solved (accuracy) when its total reward reaches this
+    output_file: str | None = None  # JSONL of prompts, completions, rewards, trajectories (default: in output_dir)
+
+
+@dataclass
 class AlgorithmConfig:
     estimator: str = "trace"  # trace (TraceRL) | random_masking (d1) | coupled (DiffuCoder)
     shrink: int = 1  # TraceRL step shrinkage s: merge every s consecutive trace steps into one training state
@@ -94,13 +129,17 @@ class RLConfig:
     """Everything one RL run needs, section by section (the YAML recipe's top level)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     reward_on_error: str = "raise"  # raise | zero: a reward that fails is an error, or scores 0 and is counted
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -116,7 +155,10 @@ class SFTConfig:
     """A masked-diffusion supervised fine-tuning run (warm starts, the demo model)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sft: SFTSection = field(default_factory=SFTSection)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

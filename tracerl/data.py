@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from tracerl.errors import UserError
 
 
 @dataclass
@@ -44,3 +47,75 @@ def columns_of(rows: Sequence[dict[str, Any]], exclude: tuple[str, ...] = ("prom
     """Row dicts -> {column: [values]} for every column but `exclude` (what reward functions get as kwargs)."""
     names = [k for k in rows[0] if k not in exclude] if rows else []
     return {k: [r.get(k) for r in rows] for k in names}
+
+
+# ---- loading rows with the `datasets` library -----------------------------------------------------------------
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(data: Any, which: str = "train") -> list[dict[str, Any]]:
+    """Rows (dicts) of the train or eval data named by a DataConfig, each with a `prompt` built from the recipe.
+
+    Local files go through `datasets`' json / parquet / csv builders; `dataset_name` is a Hub name (needs network)
+    or a directory written by `Dataset.save_to_disk`. Missing columns fail here, naming the columns found.
+    """
+    files = data.train_files if which == "train" else (data.eval_files or [])
+    split = data.split if which == "train" else data.eval_split
+    if files:
+        dataset = _from_files(files)
+    elif data.dataset_name:
+        dataset = _from_name(data.dataset_name, data.dataset_config, split)
+    else:
+        key = "data.train_files" if which == "train" else "data.eval_files"
+        raise UserError(f"{key}: no data given (set {key} or data.dataset_name)")
+    rows = [dict(r) for r in dataset]
+    if which == "eval" and data.max_eval_samples:
+        rows = rows[: data.max_eval_samples]
+    return [with_prompt(r, data, i) for i, r in enumerate(rows)]
+
+
+def _from_files(files: list[str]) -> Any:
+    import datasets
+
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"data file {f!r} does not exist")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
+        raise UserError(f"data files {files}: use one format of {', '.join(FORMATS)}")
+    builder = FORMATS[suffixes.pop()]
+    try:
+        return datasets.load_dataset(builder, data_files=[str(Path(f).resolve()) for f in files], split="train")
+    except Exception as exc:  # datasets raises many types for a malformed file; the user needs the file name
+        raise UserError(f"data files {files}: could not be read as {builder} ({exc})") from exc
+
+
+def _from_name(name: str, config_name: str | None, split: str) -> Any:
+    import datasets
+
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise UserError(f"data.dataset_name {name!r}: no split {split!r} (found {sorted(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    try:
+        return datasets.load_dataset(name, config_name, split=split)
+    except Exception as exc:
+        raise UserError(f"data.dataset_name {name!r} (split {split!r}) could not be loaded: {exc}") from exc
+
+
+def with_prompt(row: dict[str, Any], data: Any, index: int) -> dict[str, Any]:
+    """Fill `prompt` from data.prompt_template (using the row's columns) or data.prompt_column."""
+    if data.prompt_template:
+        try:
+            prompt = data.prompt_template.format(**row)
+        except KeyError as exc:
+            raise UserError(f"data.prompt_template uses column {exc.args[0]!r}, which row {index} lacks; "
+                            f"columns found: {sorted(row)}") from None
+        return {**row, "prompt": prompt}
+    if data.prompt_column not in row:
+        raise UserError(f"data.prompt_column: column {data.prompt_column!r} not found in row {index}; columns found: "
+                        f"{sorted(row)} (or set data.prompt_template)")
+    return {**row, "prompt": row[data.prompt_column]}

@@ -1,0 +1,232 @@
+"""RewardSet: weights, None skipping, metrics, TRL compatibility, async concurrency and every error kind."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from reward_models import RewardError, RewardSet
+
+PROMPTS = ["p0", "p1", "p2"]
+COMPLETIONS = ["aa", "bbbb", "c"]
+
+
+def length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def ones(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+# --- weights, None, metrics -------------------------------------------------------------------------------
+def test_weighted_sum_and_metrics():
+    rs = RewardSet([{"fn": length, "weight": 2.0}, {"fn": ones, "name": "bonus", "weight": -0.5}])
+    result = rs(PROMPTS, COMPLETIONS)
+    # 2 * [2, 4, 1] - 0.5 * [1, 1, 1]
+    assert result.total.tolist() == [3.5, 7.5, 1.5]
+    assert result.total.dtype == torch.float32 and result.per_function.shape == (3, 2)
+    assert result.metrics["rewards/length/mean"] == pytest.approx(7 / 3)  # unweighted, like TRL
+    assert result.metrics["rewards/length/std"] == pytest.approx(math.sqrt(((2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2
+                                                                            + (1 - 7 / 3) ** 2) / 2))
+    assert result.metrics["rewards/bonus/mean"] == 1.0
+    assert result.metrics["reward_errors/length"] == 0.0 and result.errors == []
+
+
+def test_none_is_skipped_and_all_none_is_nan():
+    def only_first(prompts, completions, **kwargs):
+        return [5.0, None, None]
+
+    def only_second(prompts, completions, **kwargs):
+        return [None, 3.0, None]
+
+    result = RewardSet([only_first, {"fn": only_second, "weight": 2.0}])(PROMPTS, COMPLETIONS)
+    total = result.total.tolist()
+    assert total[:2] == [5.0, 6.0] and math.isnan(total[2])  # NaN: no reward applies to sample 2
+    assert result.metrics["rewards/only_first/mean"] == 5.0  # mean over the samples it applied to
+    assert torch.isnan(result.per_function[1, 0])
+
+
+def test_single_reward_and_tensor_or_numpy_returns_are_accepted():
+    def as_tensor(prompts, completions, **kwargs):
+        return torch.tensor([1.0, 2.0, 3.0])
+
+    def as_numpy(prompts, completions, **kwargs):
+        return np.array([1, 0, 1])
+
+    assert RewardSet(as_tensor)(PROMPTS, COMPLETIONS).total.tolist() == [1.0, 2.0, 3.0]
+    assert RewardSet([as_numpy])(PROMPTS, COMPLETIONS).total.tolist() == [1.0, 0.0, 1.0]
+
+
+# --- the TRL contract -------------------------------------------------------------------------------------
+def test_trl_reward_functions_work_unchanged_with_conversational_completions():
+    # Copied in the style of TRL's documentation examples.
+    def format_reward_func(completions, **kwargs):
+        import re
+        pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+        completion_contents = [completion[0]["content"] for completion in completions]
+        matches = [re.match(pattern, content) for content in completion_contents]
+        return [1.0 if match else 0.0 for match in matches]
+
+    def accuracy(completions, ground_truth, **kwargs):
+        return [1.0 if c[0]["content"].endswith(gt) else 0.0 for c, gt in zip(completions, ground_truth)]
+
+    prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "2+2?"}]]
+    completions = [[{"role": "assistant", "content": "<think>easy</think><answer>2</answer>"}],
+                   [{"role": "assistant", "content": "it is 5"}]]
+    result = RewardSet([format_reward_func, accuracy])(prompts, completions, ground_truth=["</answer>", "4"])
+    assert result.total.tolist() == [2.0, 0.0]
+
+
+def test_columns_trajectory_and_trainer_state_arrive_as_kwargs():
+    seen = {}
+
+    def spy(prompts, completions, **kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(completions)
+
+    def named_only(prompts, completions, answer):  # no **kwargs: gets only what it names
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    traj = object()
+    result = RewardSet([spy, named_only])(PROMPTS, COMPLETIONS, answer=["aa", "x", "c"], trajectory=traj,
+                                          trainer_state={"step": 3, "epoch": 1})
+    assert seen["answer"] == ["aa", "x", "c"] and seen["trajectory"] is traj
+    assert seen["trainer_state"] == {"step": 3, "epoch": 1}
+    assert result.total.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_the_trainer_reads_the_result():
+    """RLTrainer.score accepts a RewardSet result: .total as the [N] rewards, .metrics merged into its log."""
+    from tracerl.trainer import RLTrainer
+
+    def half(prompts, completions, **kwargs):
+        return [0.5, None, 1.0]
+
+    fake = SimpleNamespace(step=7, sampler=SimpleNamespace(epoch=2), reward_fn=RewardSet([half]))
+    rewards, metrics = RLTrainer.score(fake, PROMPTS, COMPLETIONS, {"answer": [1, 2, 3]}, traj=None)
+    assert rewards[0] == 0.5 and torch.isnan(rewards[1]) and rewards[2] == 1.0
+    assert metrics["rewards/half/mean"] == 0.75
+
+
+# --- async ------------------------------------------------------------------------------------------------
+def test_async_rewards_run_concurrently():
+    async def slow_a(prompts, completions, **kwargs):
+        await asyncio.sleep(0.4)
+        return [1.0] * len(completions)
+
+    async def slow_b(prompts, completions, **kwargs):
+        await asyncio.sleep(0.4)
+        return [2.0] * len(completions)
+
+    def slow_sync(prompts, completions, **kwargs):
+        time.sleep(0.4)
+        return [4.0] * len(completions)
+
+    with RewardSet([slow_a, slow_b, slow_sync]) as rs:
+        t0 = time.perf_counter()
+        result = rs(PROMPTS, COMPLETIONS)
+        elapsed = time.perf_counter() - t0
+    assert result.total.tolist() == [7.0, 7.0, 7.0]
+    assert elapsed < 0.8, f"{elapsed:.2f}s: the three 0.4 s rewards did not overlap (sequential = 1.2 s)"
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+def raises_on_b(prompts, completions, **kwargs):
+    if any("b" in c for c in completions):
+        raise KeyError("no b allowed")
+    return [1.0] * len(completions)
+
+
+def wrong_count(prompts, completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+def nan_at_2(prompts, completions, **kwargs):
+    return [1.0, 1.0, float("nan")]
+
+
+def inf_at_0(prompts, completions, **kwargs):
+    return [float("inf"), 1.0, 1.0]
+
+
+def string_at_1(prompts, completions, **kwargs):
+    return [1.0, "high", 1.0]
+
+
+def sleeps(prompts, completions, **kwargs):
+    time.sleep(1.5)
+    return [1.0] * len(completions)
+
+
+async def async_sleeps(prompts, completions, **kwargs):
+    await asyncio.sleep(1.5)
+    return [1.0] * len(completions)
+
+
+ERRORS = [  # (reward, timeout_s, message pattern, failing samples)
+    (raises_on_b, None, r"reward 'raises_on_b' at sample 1: raised KeyError: 'no b allowed'", [1]),
+    (wrong_count, None, r"reward 'wrong_count' on all 3 samples.*returned 2 values, expected a list of 3", [0, 1, 2]),
+    (nan_at_2, None, r"reward 'nan_at_2' at sample 2: returned nan, which is not a finite number", [2]),
+    (inf_at_0, None, r"reward 'inf_at_0' at sample 0: returned inf", [0]),
+    (string_at_1, None, r"reward 'string_at_1' at sample 1: returned str 'high'", [1]),
+    (sleeps, 0.3, r"reward 'sleeps' on all 3 samples.*timed out after 0.3s", [0, 1, 2]),
+    (async_sleeps, 0.3, r"reward 'async_sleeps' on all 3 samples.*timed out after 0.3s", [0, 1, 2]),
+]
+IDS = ["raises", "wrong_count", "nan", "inf", "wrong_type", "timeout", "async_timeout"]
+
+
+@pytest.mark.parametrize("fn, timeout, pattern, bad", ERRORS, ids=IDS)
+def test_error_raises_a_reward_error_naming_reward_and_sample(fn, timeout, pattern, bad):
+    rs = RewardSet([ones, fn], timeout_s=timeout)
+    with pytest.raises(RewardError, match=pattern) as info:
+        rs(PROMPTS, COMPLETIONS)
+    assert info.value.reward == fn.__name__
+    assert info.value.index == (bad[0] if len(bad) == 1 else None)
+    rs.close()
+
+
+@pytest.mark.parametrize("fn, timeout, pattern, bad", ERRORS, ids=IDS)
+def test_error_with_on_error_zero_scores_zero_counts_and_logs(fn, timeout, pattern, bad, caplog):
+    rs = RewardSet([{"fn": ones, "weight": 10.0}, fn], on_error="zero", timeout_s=timeout)
+    with caplog.at_level(logging.WARNING, logger="reward_models.combine"):
+        result = rs(PROMPTS, COMPLETIONS)
+    values = result.per_function[:, 1].tolist()
+    for i in range(3):
+        assert values[i] == (0.0 if i in bad else 1.0)  # the failing samples score 0, the others keep theirs
+    assert result.total.tolist() == [10.0 + v for v in values]
+    assert result.metrics[f"reward_errors/{fn.__name__}"] == len(bad)
+    assert result.metrics["reward_errors/ones"] == 0.0
+    assert [e.reward for e in result.errors] == [fn.__name__] * len(bad)
+    assert f"reward '{fn.__name__}': {len(bad)} sample(s) scored 0" in caplog.text
+    rs.close()
+
+
+def test_a_reward_raising_on_a_single_sample_batch_names_sample_0():
+    with pytest.raises(RewardError, match=r"reward 'raises_on_b' at sample 0"):
+        RewardSet([raises_on_b])(["p"], ["b"])
+
+
+def test_raise_mode_mentions_how_many_more_errors():
+    def two_nans(prompts, completions, **kwargs):
+        return [float("nan"), 1.0, float("nan")]
+
+    with pytest.raises(RewardError, match=r"at sample 0: .*\(and 1 more\)"):
+        RewardSet([two_nans])(PROMPTS, COMPLETIONS)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'zero'"):
+        RewardSet([ones], on_error="ignore")
+    with pytest.raises(ValueError, match="timeout_s must be positive"):
+        RewardSet([ones], timeout_s=0)
+    with pytest.raises(ValueError, match="at least one reward"):
+        RewardSet([])
+    with pytest.raises(ValueError, match="2 prompts for 3 completions"):
+        RewardSet([ones])(["a", "b"], COMPLETIONS)

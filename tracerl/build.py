@@ -1,0 +1,71 @@
+"""From a validated recipe to live objects: the model (+ LoRA), the rewards, the data, the backend.
+
+The CLI and the demo call these; tests call them too, so what a user launches is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tracerl.config import ModelConfig, PeftSection, RLConfig
+from tracerl.errors import UserError
+from tracerl.models import DiffusionLM, load_model
+
+
+def build_model(model_cfg: ModelConfig, peft: PeftSection | None = None, path: str | None = None) -> DiffusionLM:
+    """Load `path` (default model.path): a model directory, a TraceRL checkpoint, or a LoRA adapter directory."""
+    source = resolve_checkpoint(path or model_cfg.path, key="model.path")
+    options = dict(dtype=model_cfg.dtype, device=model_cfg.device, block_size=model_cfg.block_size,
+                   mask_token_id=model_cfg.mask_token_id, trust_remote_code=model_cfg.trust_remote_code)
+    if (source / "adapter_config.json").is_file():
+        from tracerl.peft_utils import load_adapter
+
+        return load_adapter(source, **options)
+    model = load_model(str(source), **options)
+    if peft is not None and peft.r:
+        from tracerl.peft_utils import apply_lora
+
+        model = apply_lora(model, peft)
+    return model
+
+
+def resolve_checkpoint(path: str, key: str) -> Path:
+    """A TraceRL checkpoint directory holds the model under model/; anything else is taken as the model itself."""
+    if not path:
+        raise UserError(f"{key}: no model directory given")
+    p = Path(path).expanduser()
+    if (p / "trainer_state.json").is_file() and (p / "model").is_dir():
+        return p / "model"
+    if (p / "final").is_dir() and not (p / "config.json").is_file():
+        return p / "final"  # an SFT output_dir
+    return p
+
+
+def build_rewards(config: RLConfig) -> Any:
+    """The recipe's rewards as one RewardSet (weights, names, on_error)."""
+    from reward_models import RewardSet
+
+    if not config.rewards:
+        raise UserError("rewards: the recipe names no reward function (add e.g. rewards: [{fn: math}])")
+    specs = [{"fn": r.fn, "name": r.name, "weight": r.weight, "kwargs": dict(r.kwargs)} for r in config.rewards]
+    sys.path.insert(0, str(Path.cwd()))  # "my_rewards:fn" resolves from where the user launched, like TRL scripts
+    return RewardSet(specs, on_error=config.reward_on_error)
+
+
+def make_backend(config: Any, local_rank: int | None) -> Any:
+    from tracerl import distributed
+
+    factory = getattr(distributed, "make_backend", None)
+    if factory is None:
+        return distributed.LocalBackend()
+    return factory(config.distributed, local_rank)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")

@@ -1,0 +1,227 @@
+"""Recipes: a YAML file + dotted `key=value` overrides -> a typed, validated config (tracerl.config).
+
+Everything a user can get wrong fails here, before any model loads, with the key path and (for a typo) the
+nearest valid key: `trainer.max_step: unknown key (did you mean trainer.max_steps?)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from tracerl import config as schema
+from tracerl.errors import UserError
+
+CHOICES = {
+    "algorithm.estimator": ("trace", "random_masking", "coupled"),
+    "algorithm.loss_type": ("ppo", "reinforce"),
+    "algorithm.kl_estimator": ("k1", "k2", "k3"),
+    "algorithm.loss_aggregation": ("token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant"),
+    "algorithm.scale_rewards": ("group", "batch", "none"),
+    "algorithm.old_logprobs": ("recompute", "rollout"),
+    "reward_on_error": ("raise", "zero"),
+    "rollout.remasking": ("low_confidence", "top_margin", "entropy", "random"),
+    "model.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+}
+POSITIVE = ("optimizer.learning_rate", "trainer.max_steps", "trainer.num_generations",
+            "trainer.per_device_train_batch_size", "trainer.gradient_accumulation_steps", "algorithm.shrink",
+            "algorithm.num_iterations", "rollout.steps", "rollout.max_completion_length", "sft.max_completion_length")
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, kind: type = schema.RLConfig) -> Any:
+    """Read a recipe (or start from defaults when path is None), apply overrides, build and validate `kind`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    config = build(kind, raw, prefix="")
+    validate(config)
+    return config
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe file {path!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model:, rollout:, ...), got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.c=value` (value parsed as YAML: 3, 1e-5, true, null, [a, b]) into the nested dict."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not of the form key.path=value")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def build(kind: type, raw: Any, prefix: str) -> Any:
+    """Recursively turn a dict into dataclass `kind`, checking keys and types; errors name the key path."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(kind)
+    names = [f.name for f in dataclasses.fields(kind)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean {_path(prefix, near[0])}?)" if near else f" (valid keys: {', '.join(names)})"
+        raise UserError(f"{_path(prefix, key)}: unknown key{hint}")
+    values = {name: convert(hints[name], raw[name], _path(prefix, name)) for name in names if name in raw}
+    return kind(**values)
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """Check/convert one value against a type hint (dataclass, Optional, list, dict, scalars)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return convert(arg, value, path)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} is not a valid {_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{path}: expected a list, got {value!r}")
+        return [convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(tp, value, path)
+
+
+def _scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise UserError(f"{path}: expected {_name(tp)}, got {value!r}")
+
+
+def validate(config: Any) -> None:
+    """Value checks that need more than a type: choices, ranges, impossible combinations."""
+    flat = dict(walk(config))
+    for key, allowed in CHOICES.items():
+        if key in flat and flat[key] not in allowed:
+            raise UserError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if key in flat and flat[key] is not None and flat[key] <= 0:
+            raise UserError(f"{key}: must be > 0, got {flat[key]}")
+    if isinstance(config, schema.RLConfig):
+        _validate_rl(config)
+
+
+def _validate_rl(config: schema.RLConfig) -> None:
+    from tracerl.trainer import check_combination
+
+    for prefix, section in (("rollout", config.rollout),):
+        try:
+            section.validate()
+        except UserError as exc:
+            raise UserError(f"{prefix}.{exc}") from None
+    if config.algorithm.num_iterations > 1 and config.algorithm.loss_type == "reinforce":
+        raise UserError("algorithm.num_iterations > 1 needs algorithm.loss_type=ppo (REINFORCE has no ratio to clip "
+                        "a stale policy with)")
+    check_combination(config)
+    for i, spec in enumerate(config.rewards):
+        if not spec.fn:
+            raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "
+                            "file.py:function or a reward-model directory)")
+
+
+def walk(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a config."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), _path(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from walk(value, key)
+        else:
+            yield key, value
+
+
+def help_texts(kind: type = schema.RLConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the comment written beside the field in tracerl/config.py (the field's documentation)."""
+    out: dict[str, str] = {}
+    comments = _field_comments(kind)
+    for f in dataclasses.fields(kind):
+        key = _path(prefix, f.name)
+        tp = typing.get_type_hints(kind)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(help_texts(tp, key))
+        else:
+            out[key] = comments.get(f.name, "")
+    return out
+
+
+def _field_comments(kind: type) -> dict[str, str]:
+    lines, start = inspect.getsourcelines(kind)
+    tree = ast.parse("".join(lines))
+    out = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = []
+            row = node.lineno - 1
+            if "#" in lines[row]:
+                text.append(lines[row].split("#", 1)[1].strip())
+            while row + 1 < len(lines) and lines[row + 1].strip().startswith("#"):
+                row += 1
+                text.append(lines[row].strip().lstrip("#").strip())
+            out[node.target.id] = " ".join(text)
+    return out
+
+
+def dump(config: Any) -> str:
+    """The resolved config as YAML (what `tracerl validate` prints)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=None)
+
+
+def _path(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
