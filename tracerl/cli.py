@@ -159,7 +159,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from tracerl.models import build_tiny_model
+
+    model = build_tiny_model(args.arch, block_size=args.block_size, hidden_size=args.hidden_size,
+                             num_layers=args.num_layers, seed=args.seed)
+    model.save_pretrained(args.output)
+    print(f"wrote a random {args.arch} diffusion LM ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, block_size={args.block_size}) to {args.output}")
+    return 0
+
+
 def _add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny", help="write a tiny random diffusion LM (char tokenizer) for CPU debugging")
+    p.add_argument("output")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
+    p.add_argument("--block-size", type=int, default=None, help="block diffusion block size (default: full attention)")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny)
     p = sub.add_parser("train", help="RL post-training from a recipe (deepspeed launcher: --module tracerl train)")
     _recipe_args(p)
     p.set_defaults(func=_cmd_train)

@@ -37,8 +37,8 @@ class DataConfig:
 @dataclass
 class PeftSection:
     r: int | None = None  # LoRA rank; null = full fine-tuning
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = lora_alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
     target_modules: list[str] | str = "all-linear"  # module names, or "all-linear"
 
 
@@ -83,14 +83,14 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimizerConfig:
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    learning_rate: float = 1e-6  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float | None = 1.0  # gradient clipping (None = off)
     lr_scheduler_type: str = "constant"  # any transformers scheduler name: constant | linear | cosine | ...
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0  # share of the optimizer steps spent warming the learning rate up
 
 
 @dataclass
@@ -101,8 +101,8 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step; completions per device per RL step =
     #   per_device_train_batch_size * gradient_accumulation_steps (a multiple of num_generations)
     replay_batch_size: int = 0  # training rows per forward inside a micro-batch (0 = all at once; a memory knob)
-    seed: int = 0
-    output_dir: str = "outputs/run"
+    seed: int = 0  # seeds prompt order, rollouts and random masks (each rank offsets it)
+    output_dir: str = "outputs/run"  # checkpoints, metrics.jsonl and W&B files go here
     save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
     save_total_limit: int | None = None  # keep at most N checkpoints (oldest deleted first)
     logging_steps: int = 1  # print a metrics line every N steps (metrics.jsonl gets every step)
@@ -113,7 +113,7 @@ class TrainerConfig:
 class LoggingConfig:
     report_to: list[str] = field(default_factory=list)  # [] | [wandb]
     project: str | None = None  # W&B project (default: $WANDB_PROJECT or "tracerl")
-    run_name: str | None = None
+    run_name: str | None = None  # W&B run name (default: W&B's own)
 
 
 @dataclass
@@ -132,7 +132,7 @@ class RLConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    rewards: list[RewardSpec] = field(default_factory=list)
+    rewards: list[RewardSpec] = field(default_factory=list)  # reward functions, summed with their weights
     reward_on_error: str = "raise"  # raise | zero: a reward that fails is an error, or scores 0 and is counted
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -157,11 +157,12 @@ def validate(config: Any) -> None:
 def _validate_rl(config: schema.RLConfig) -> None:
     from tracerl.trainer import check_combination
 
-    for prefix, section in (("rollout", config.rollout),):
-        try:
-            section.validate()
-        except UserError as exc:
-            raise UserError(f"{prefix}.{exc}") from None
+    try:
+        config.rollout.validate()
+        if config.rollout.block_length is not None:  # else the model's block size decides, checked at load
+            config.rollout.resolve_block_length(None)
+    except UserError as exc:
+        raise UserError(f"rollout.{exc}") from None
     if config.algorithm.num_iterations > 1 and config.algorithm.loss_type == "reinforce":
         raise UserError("algorithm.num_iterations > 1 needs algorithm.loss_type=ppo (REINFORCE has no ratio to clip "
                         "a stale policy with)")
@@ -216,7 +217,7 @@ def _field_comments(kind: type) -> dict[str, str]:
 
 def dump(config: Any) -> str:
     """The resolved config as YAML (what `tracerl validate` prints)."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
 
 
 def _path(prefix: str, key: Any) -> str:

@@ -18,9 +18,9 @@ class RolloutConfig:
     #   entropy | random
     threshold: float | None = None  # dynamic policy (Fast-dLLM): commit every position whose confidence exceeds it
     #   (at least one per step); the static `steps` schedule is then ignored
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    temperature: float = 1.0  # sampling temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens holding this much probability
+    top_k: int = 0  # sample among the k most likely tokens; 0 = off
     use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache
     seed: int | None = None  # None = the global torch RNG
 

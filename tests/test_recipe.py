@@ -1,0 +1,80 @@
+"""Recipes: YAML + overrides -> typed config; every user mistake is one message naming the key, exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tracerl.config import RLConfig, SFTConfig
+from tracerl.errors import UserError
+from tracerl.recipe import help_texts, load_config
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_yaml_and_overrides_build_typed_sections(tmp_path):
+    path = write(tmp_path, {"model": {"path": "m"}, "rollout": {"steps": 16, "max_completion_length": 16},
+                            "rewards": [{"fn": "math", "weight": 2}]})
+    cfg = load_config(path, ["algorithm.beta=0.04", "trainer.max_steps=3", "data.train_files=[a.jsonl, b.jsonl]",
+                             "algorithm.epsilon_high=null"])
+    assert isinstance(cfg, RLConfig)
+    assert cfg.rollout.steps == 16 and cfg.algorithm.beta == 0.04 and cfg.trainer.max_steps == 3
+    assert cfg.rewards[0].fn == "math" and cfg.rewards[0].weight == 2.0 and isinstance(cfg.rewards[0].weight, float)
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"] and cfg.algorithm.epsilon_high is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_step=3", "trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
+    ("algorithim.beta=0.1", "algorithim: unknown key (did you mean algorithm?)"),
+    ("trainer.max_steps=ten", "trainer.max_steps: expected an integer, got 'ten'"),
+    ("optimizer.learning_rate=fast", "optimizer.learning_rate: expected a number, got 'fast'"),
+    ("model.use_chat_template=maybe", "model.use_chat_template: expected true or false, got 'maybe'"),
+    ("algorithm.estimator=d1", "algorithm.estimator: 'd1' is not one of trace, random_masking, coupled"),
+    ("trainer.num_generations=3", "not a multiple of trainer.num_generations=3"),
+    ("rollout.threshold=1.5", "rollout.threshold must lie in (0, 1]"),
+    ("rollout.steps=7", "rollout.steps=7 cannot be divided over"),
+    ("optimizer.learning_rate=0", "optimizer.learning_rate: must be > 0"),
+    ("rewards=[{weight: 1}]", "rewards[0].fn: every reward needs fn"),
+    ("rewards=[{fn: math, wieght: 1}]", "rewards[0].wieght: unknown key (did you mean rewards[0].weight?)"),
+])
+def test_mistakes_name_the_key(tmp_path, override, message):
+    path = write(tmp_path, {"rollout": {"steps": 8, "max_completion_length": 16, "block_length": 4}})
+    with pytest.raises(UserError) as err:
+        load_config(path, [override])
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="recipe file .* does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_sft_schema(tmp_path):
+    cfg = load_config(write(tmp_path, {"sft": {"max_completion_length": 32}}), ["trainer.max_steps=2"],
+                      kind=SFTConfig)
+    assert cfg.sft.max_completion_length == 32 and cfg.trainer.max_steps == 2
+
+
+def test_every_field_is_documented():
+    for kind in (RLConfig, SFTConfig):
+        undocumented = [k for k, text in help_texts(kind).items() if not text]
+        assert not undocumented, undocumented
+
+
+def test_validate_cli_exit_codes(tmp_path):
+    good = write(tmp_path, {"rewards": [{"fn": "math"}], "rollout": {"steps": 8, "max_completion_length": 8}})
+    ok = subprocess.run([sys.executable, "-m", "tracerl", "validate", good, "trainer.max_steps=4"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "max_steps: 4" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "tracerl", "validate", good, "trainer.max_step=4"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean trainer.max_steps?" in bad.stderr and "Traceback" not in bad.stderr
