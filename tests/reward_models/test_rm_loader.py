@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,28 @@ def test_dotted_attribute_in_a_file(tmp_path):
                 return [1.0] * len(completions)
     """))
     assert load_reward(f"{tmp_path}/nested.py:Holder.r")(None, ["a", "b"]) == [1.0, 1.0]
+
+
+def test_the_docs_example_reward_file_and_recipe_lines_work(tmp_path):
+    """docs/rewards.md, "Write your own reward": its reward file and YAML lines, run as a user would."""
+    import re
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "rewards.md").read_text()
+    section = doc.split("## Write your own reward", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.DOTALL)[0]
+    recipes = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)]
+    (tmp_path / "my_rewards.py").write_text(code)
+    completions = ["so... Answer: 42", "Answer: 41",
+                   [{"role": "assistant", "content": "<think>a</think><answer>x</answer> Answer: 7"}]]
+    answers = ["42", "42", None]
+    simple, full = recipes
+    assert simple["rewards"] == [{"fn": "my_rewards.py:my_reward", "name": "my_reward", "weight": 1.0}]
+    assert simple["reward_on_error"] == "zero"
+    one = RewardSet(simple["rewards"], on_error=simple["reward_on_error"], base_dir=str(tmp_path))
+    total = one(None, completions, answer=answers).total.tolist()
+    assert total[:2] == [1.0, 0.0] and total[2] != total[2]  # NaN: my_reward returns None, nothing else applies
+    three = RewardSet(full["rewards"], on_error=full["reward_on_error"], base_dir=str(tmp_path))
+    # my_reward [1, 0, None] * 1.0 + short answers [1, 1, 1] * 0.1 + format [0, 0, 1] * 0.2
+    assert three(None, completions, answer=answers).total.tolist() == pytest.approx([1.1, 0.1, 0.3])

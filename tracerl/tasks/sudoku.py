@@ -22,8 +22,9 @@ from tracerl.tasks import keys_in, write_rows
 
 SIDE, BOX = 4, 2
 CELLS = SIDE * SIDE
-# Short on purpose: with a character tokenizer every prompt character is a token each denoising forward pays for.
-PROMPT_TEMPLATE = "Sudoku 4x4, 0 = empty: {puzzle}\nSolution: "
+# Short on purpose: with a character tokenizer every prompt character is a token that each denoising forward
+# and each training row pays for ("Sudoku 4x4, 0 = empty: ...\nSolution: " doubles the frame).
+PROMPT_TEMPLATE = "Sudoku: {puzzle}\n"
 
 
 def _units() -> list[list[int]]:
