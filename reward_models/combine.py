@@ -2,8 +2,8 @@
 
 total[i] = sum over functions f of weight_f * r_f[i], skipping None (TRL's nansum); a sample where every
 function returned None totals NaN ("no reward applies": the trainer leaves it out of its statistics), with
-a warning. Each function's values are checked: one per completion,
-each a finite real number or None. A function that raises, returns the wrong count or a bad value, or
+a warning. Each function's values are checked: one per completion, each a finite real number or None.
+A function that raises, returns the wrong count or a bad value, or
 exceeds `timeout_s` produces a RewardError naming the reward (and the sample, when one is at fault):
   on_error="raise"  raise it (default; never a silent wrong reward)
   on_error="zero"   score the affected samples 0, count them in `reward_errors/<name>`, log a warning
@@ -81,6 +81,12 @@ def _to_float(value: Any) -> float | None:
     raise TypeError(f"returned {type(value).__name__} {value!r}, expected a float or None")
 
 
+def _default_name(fn: Any) -> str:
+    """The metrics name of an unnamed reward: its __name__ (a partial's function's), else its class name."""
+    inner = getattr(fn, "func", fn)  # functools.partial has no __name__ of its own
+    return getattr(fn, "__name__", None) or getattr(inner, "__name__", None) or type(fn).__name__
+
+
 def _is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
@@ -108,7 +114,7 @@ class RewardSet:
         for item in specs:
             spec = parse_spec(item)
             fn = load_reward(spec.fn, base_dir=base_dir, **spec.kwargs)
-            name = spec.name or getattr(fn, "__name__", None) or type(fn).__name__
+            name = spec.name or _default_name(fn)
             base, k = name, 1
             while name in self.names:  # metrics keys must be unique
                 k += 1

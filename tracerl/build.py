@@ -46,13 +46,16 @@ def resolve_checkpoint(path: str, key: str) -> Path:
 
 def build_rewards(config: RLConfig) -> Any:
     """The recipe's rewards as one RewardSet (weights, names, on_error)."""
-    from reward_models import RewardSet
+    from reward_models import RewardSet, RewardSpecError
 
     if not config.rewards:
         raise UserError("rewards: the recipe names no reward function (add e.g. rewards: [{fn: math}])")
     specs = [{"fn": r.fn, "name": r.name, "weight": r.weight, "kwargs": dict(r.kwargs)} for r in config.rewards]
     sys.path.insert(0, str(Path.cwd()))  # "my_rewards:fn" resolves from where the user launched, like TRL scripts
-    return RewardSet(specs, on_error=config.reward_on_error)
+    try:
+        return RewardSet(specs, on_error=config.reward_on_error, timeout_s=config.reward_timeout_s)
+    except RewardSpecError as exc:
+        raise UserError(f"rewards: {exc}") from None
 
 
 def make_backend(config: Any, local_rank: int | None) -> Any:

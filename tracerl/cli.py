@@ -217,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"tracerl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a reward that fails with on_error: raise is the user's code, not a TraceRL bug
+        if type(exc).__name__ != "RewardError":
+            raise
+        print(f"tracerl {args.command}: error: {exc} (set reward_on_error: zero to score such samples 0 and "
+              "go on; the last checkpoint is kept)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

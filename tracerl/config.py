@@ -134,6 +134,7 @@ class RLConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rewards: list[RewardSpec] = field(default_factory=list)  # reward functions, summed with their weights
     reward_on_error: str = "raise"  # raise | zero: a reward that fails is an error, or scores 0 and is counted
+    reward_timeout_s: float | None = None  # a reward call taking longer is an error (or 0 with on_error: zero)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     peft: PeftSection = field(default_factory=PeftSection)

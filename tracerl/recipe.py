@@ -167,6 +167,10 @@ def _validate_rl(config: schema.RLConfig) -> None:
         raise UserError("algorithm.num_iterations > 1 needs algorithm.loss_type=ppo (REINFORCE has no ratio to clip "
                         "a stale policy with)")
     check_combination(config)
+    ds = config.distributed.deepspeed
+    if ds and not Path(ds).expanduser().is_file():
+        raise UserError(f"distributed.deepspeed: DeepSpeed config {ds!r} does not exist (shipped ones: "
+                        "recipes/deepspeed/zero2.json, zero3.json, zero3_offload.json)")
     for i, spec in enumerate(config.rewards):
         if not spec.fn:
             raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "

@@ -1,9 +1,17 @@
 """The RL loop: rollout -> reward -> credit -> replay -> update, with checkpoints and exact resume.
 
-    trainer = RLTrainer(config, model, reward_fn, train_rows)
+    trainer = RLTrainer(config, model, reward_fn, train_rows)                     # one process
+    trainer = RLTrainer(config, model, reward_fn, train_rows,                     # under the deepspeed launcher
+                        backend=make_backend(config.distributed, local_rank))
     trainer.train()
 
 Every arrow of one step is one call in `train_step` (see DESIGN.md); the math lives in credit.py and losses.py.
+
+Data parallel (tracerl.distributed): every rank draws the same global prompt order and takes its slice; groups stay
+on one rank, so group advantages are local, while everything that normalises over the batch (the loss weights'
+token / step / sequence counts, scale_rewards=batch, whitened GAE advantages) and every logged metric is computed
+over all ranks. Each rank runs the same number of training forwards (padding with zero-weight chunks) because
+ZeRO communicates inside them.
 """
 
 from __future__ import annotations
@@ -20,14 +28,20 @@ from transformers import get_scheduler
 from tracerl import credit, losses
 from tracerl.config import RLConfig, TrainerConfig
 from tracerl.data import PromptSampler, columns_of
-from tracerl.distributed import LocalBackend
+from tracerl.distributed import Backend, LocalBackend
+from tracerl.ds_config import EngineSpec
 from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM
+from tracerl.peft_utils import keep_requires_grad
 from tracerl.replay import ReplayBatch, build_replay, token_logprobs
 from tracerl.rollout import Trajectory, generate
 from tracerl.rollout.display import completions as decode_completions
 from tracerl.tracking import MetricsLogger
 from tracerl.value import ValueModel
+
+SUMMED_METRICS = ("trajectory/rows_kept", "perf/rollout_tokens_per_second")  # over ranks; others are averaged
+SLOWEST_METRICS = ("perf/rollout_seconds", "perf/train_seconds", "perf/step_seconds")  # the slowest rank
+BATCH_STD_EPS = 1e-4  # credit.grpo_advantages' eps, for the global scale_rewards=batch std
 
 
 class RLTrainer:
@@ -37,34 +51,56 @@ class RLTrainer:
         model: DiffusionLM,
         reward_fn: Callable[..., Any],
         train_rows: Sequence[dict[str, Any]],
-        backend: LocalBackend | None = None,
+        backend: Backend | None = None,
     ):
         self.config, self.model, self.reward_fn, self.rows = config, model, reward_fn, train_rows
         self.backend = backend or LocalBackend()
         alg, tr = config.algorithm, config.trainer
         check_combination(config)
+        # model copies (value body, reference) are made before any engine partitions the policy's parameters
         self.value_model = ValueModel.from_policy(model) if alg.use_value_model else None
-        self.ref_model = self._reference_model() if alg.beta > 0 else None
-        self.optimizer = self._adamw([p for p in model.parameters() if p.requires_grad and not _is_value(p, self)],
-                                     config.optimizer.learning_rate)
-        self.scheduler = get_scheduler(
-            config.optimizer.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=int(config.optimizer.warmup_ratio * tr.max_steps * alg.num_iterations),
-            num_training_steps=tr.max_steps * alg.num_iterations,
-        )
-        self.value_optimizer = None
-        if self.value_model is not None:
-            lr = alg.value_learning_rate or config.optimizer.learning_rate
-            self.value_optimizer = self._adamw(self.value_model.trainable_parameters(), lr)
+        spec = EngineSpec(completions_per_step(tr), config.optimizer.max_grad_norm,
+                          getattr(model.config, "hidden_size", None))
+        ref = self._reference_model() if alg.beta > 0 else None
+        self.ref_model = None if ref is None else self.backend.prepare_frozen(ref, spec)
+        self._prepare_trainables(spec)
         self.sampler = PromptSampler(len(train_rows), seed=tr.seed)
         self.step = 0
 
     # ---- set-up helpers -----------------------------------------------------------------------------------
-    def _adamw(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        o = self.config.optimizer
-        return torch.optim.AdamW(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
-                                 weight_decay=o.weight_decay)
+    def _prepare_trainables(self, spec: EngineSpec) -> None:
+        """Optimizers (engines under DeepSpeed) for the policy and the value model, and the lr schedule.
+
+        A LoRA value adapter shares the policy's base; under DeepSpeed both then live in ONE engine (two engines
+        must not hook the same partitioned modules) with one optimizer of two parameter groups, stepped together:
+        `self.joint`. Everywhere else the value model has its own optimizer.
+        """
+        o, alg, tr = self.config.optimizer, self.config.algorithm, self.config.trainer
+        adamw = {"betas": (o.adam_beta1, o.adam_beta2), "eps": o.adam_epsilon, "weight_decay": o.weight_decay}
+        vm = self.value_model
+        value_lr = alg.value_learning_rate or o.learning_rate
+        self.joint = vm is not None and vm.adapter is not None and self.backend.shared_base_in_one_engine
+        modules: dict[str, torch.nn.Module] = {"policy": self.model}
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad and not _is_value(p, self)],
+                   "lr": o.learning_rate}]
+        if self.joint:
+            modules["value_head"] = vm.head  # the rest of the value model is the policy's own modules
+            groups.append({"params": vm.trainable_parameters(), "lr": value_lr})
+        self.policy = self.backend.prepare(modules, groups, spec, adamw)
+        self.optimizer = self.policy.optimizer
+        self.scheduler = get_scheduler(
+            o.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=int(o.warmup_ratio * tr.max_steps * alg.num_iterations),
+            num_training_steps=tr.max_steps * alg.num_iterations,
+        )
+        if self.joint:
+            _hold_lr(self.scheduler, group=1)  # the value lr stays constant, as with its own optimizer
+        self.value, self.value_optimizer = None, None
+        if vm is not None:
+            self.value = self.policy if self.joint else self.backend.prepare(
+                {"value": vm}, [{"params": vm.trainable_parameters(), "lr": value_lr}], spec, adamw)
+            self.value_optimizer = self.value.optimizer
 
     def _reference_model(self) -> DiffusionLM | None:
         """A frozen copy of the starting policy; with LoRA none is made: the reference is the adapter disabled."""
@@ -79,7 +115,7 @@ class RLTrainer:
         if self.ref_model is not None:
             yield self.ref_model
         else:
-            with self.model.backbone.disable_adapter():
+            with keep_requires_grad(self.model), self.model.backbone.disable_adapter():
                 yield self.model
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -104,40 +140,67 @@ class RLTrainer:
         return history
 
     def train_step(self) -> dict[str, float]:
-        """One RL step; returns its metrics (TRL's names where they exist)."""
-        tr, alg = self.config.trainer, self.config.algorithm
+        """One RL step; returns its metrics over all ranks (TRL's names where they exist)."""
         t0 = time.perf_counter()
-        rows = [self.rows[i] for i in self.sampler.next(completions_per_step(tr) // tr.num_generations)]
-        traj, prompts, texts, columns = self.rollout(rows)
+        traj, prompts, texts, columns = self.rollout(self._step_rows())
         t_rollout = time.perf_counter() - t0
         rewards, reward_metrics = self.score(prompts, texts, columns, traj)
-        block = traj.block_of_position() if traj.block_size is not None else None
-        train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, alg.shrink, block)
-        gen = torch.Generator().manual_seed(tr.seed * 7919 + self.step)
-        replay = build_replay(traj, train_step, alg.estimator, alg.p_mask_prompt, gen)
-        adv, old_values = self.assign_credit(traj, rewards, train_step, replay)
         t1 = time.perf_counter()
-        update_metrics = self.update(traj, replay, adv, old_values)
-        self.step += 1
-        finite = rewards[torch.isfinite(rewards)]
+        learned = self.learn(traj, rewards)
         steps = traj.steps_per_sequence().float()
-        return {
-            "reward": finite.mean().item() if finite.numel() else float("nan"),
-            "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
+        return self._across_ranks({
+            **self._reward_stats(rewards),
             **reward_metrics,
-            **adv.metrics,
-            **update_metrics,
+            **learned,
             "completions/mean_length": traj.completion_lengths().float().mean().item(),
             "trajectory/steps_per_sequence": steps.mean().item(),
             "trajectory/tokens_per_step": float(traj.action_mask.sum()) / max(steps.sum().item(), 1.0),
             "trajectory/rollout_forwards": float(traj.num_forwards),
-            "trajectory/replay_forwards_per_response": replay.forwards_per_response,
             "perf/rollout_seconds": t_rollout,
             "perf/train_seconds": time.perf_counter() - t1,
             "perf/step_seconds": time.perf_counter() - t0,
             "perf/rollout_tokens_per_second": traj.num_sequences * traj.response_length / max(t_rollout, 1e-9),
             "learning_rate": self.scheduler.get_last_lr()[0],
-        }
+        })
+
+    def learn(self, traj: Trajectory, rewards: torch.Tensor) -> dict[str, float]:
+        """Everything after scoring: credit -> replay -> update, on this rank's trajectories (rewards [N])."""
+        tr, alg = self.config.trainer, self.config.algorithm
+        block = traj.block_of_position() if traj.block_size is not None else None
+        train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, alg.shrink, block)
+        gen = torch.Generator().manual_seed(tr.seed * 7919 + self.step + 100_003 * self.backend.rank)
+        replay = build_replay(traj, train_step, alg.estimator, alg.p_mask_prompt, gen)
+        adv, old_values = self.assign_credit(traj, rewards, train_step, replay)
+        update_metrics = self.update(traj, replay, adv, old_values)
+        self.step += 1
+        return {**adv.metrics, **update_metrics,
+                "trajectory/replay_forwards_per_response": replay.forwards_per_response}
+
+    def _step_rows(self) -> list[dict[str, Any]]:
+        """This rank's prompts: every rank draws the same global order and takes its own slice."""
+        tr, rank = self.config.trainer, self.backend.rank
+        k = completions_per_step(tr) // tr.num_generations  # prompts per rank
+        picked = self.sampler.next(k * self.backend.world_size)
+        return [self.rows[i] for i in picked[rank * k:(rank + 1) * k]]
+
+    def _reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
+        every = torch.cat(self.backend.all_gather_object(rewards))
+        finite = every[torch.isfinite(every)]
+        return {"reward": finite.mean().item() if finite.numel() else float("nan"),
+                "reward_std": finite.std().item() if finite.numel() > 1 else 0.0}
+
+    def _across_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-rank metrics -> the job's: sums for counts and throughput, the slowest rank's times, else means
+        (each rank holds the same number of completions, so the mean of rank means is the global mean)."""
+        if self.backend.world_size == 1:
+            return metrics
+        every = self.backend.all_gather_object(metrics)
+        out = {}
+        for key in metrics:
+            values = [float(m[key]) for m in every]
+            out[key] = (sum(values) if key in SUMMED_METRICS else max(values) if key in SLOWEST_METRICS
+                        else sum(values) / len(values))
+        return out
 
     # ---- rollout and reward ---------------------------------------------------------------------------------
     def rollout(self, rows: list[dict[str, Any]]) -> tuple[Trajectory, list[Any], list[str], dict[str, list]]:
@@ -151,7 +214,8 @@ class RLTrainer:
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         group_id = torch.arange(len(rows)).repeat_interleave(G) + self.backend.rank * len(rows)
         seed = self.config.trainer.seed * 1_000_003 + self.step * 101 + self.backend.rank
-        traj = generate(self.model, ids, replace(self.config.rollout, seed=seed), group_id=group_id)
+        with self.backend.generation(self.policy):  # ZeRO-3: full parameters for the rollout's forwards
+            traj = generate(self.model, ids, replace(self.config.rollout, seed=seed), group_id=group_id)
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns_of(rows).items()}
         return traj, prompts, decode_completions(traj, tok), columns
 
@@ -171,8 +235,12 @@ class RLTrainer:
         """Group-relative advantages, or step-level GAE from the value model read on the replay rows."""
         alg = self.config.algorithm
         if self.value_model is None:
-            adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask, alg.scale_rewards,
+            global_std = alg.scale_rewards == "batch" and self.backend.world_size > 1
+            adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask,
+                                         "none" if global_std else alg.scale_rewards,
                                          drop_zero_std=alg.drop_zero_std_groups)
+            if global_std:  # groups are rank-local, the batch is not: divide by the std over every rank's rewards
+                adv.advantages = adv.advantages / (self._global_reward_std(rewards) + BATCH_STD_EPS)
             return adv, None
         with torch.no_grad():
             old_values = self._chunked(replay, lambda b, sl: self.value_model(b).float().cpu())  # [R, T]
@@ -182,8 +250,24 @@ class RLTrainer:
         r = credit.place_rewards(outcome, traj.unmask_step, traj.action_mask, None, train_step)
         adv = credit.step_gae(values, r, train_step, traj.action_mask & scorable[:, None], alg.gamma, alg.lam)
         if alg.whiten_advantages:
-            adv.advantages = credit.whiten(adv.advantages, adv.token_mask)
+            adv.advantages = (credit.whiten(adv.advantages, adv.token_mask) if self.backend.world_size == 1
+                              else self._whiten_global(adv.advantages, adv.token_mask))
         return adv, old_values
+
+    def _global_reward_std(self, rewards: torch.Tensor) -> float:
+        every = torch.cat(self.backend.all_gather_object(rewards))
+        finite = every[torch.isfinite(every)]
+        return finite.std().item() if finite.numel() > 1 else 0.0
+
+    def _whiten_global(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """credit.whiten with the mean and unbiased variance taken over every rank's masked entries."""
+        total = self.backend.all_reduce(torch.stack([torch.where(mask, x, 0.0).sum().double(),
+                                                     mask.sum().double()]))
+        n = total[1]
+        mean = total[0] / n.clamp(min=1)
+        sq = self.backend.all_reduce(torch.where(mask, (x.double() - mean) ** 2, 0.0).sum())
+        out = (x.double() - mean) * torch.rsqrt(sq / (n - 1).clamp(min=1) + eps)
+        return torch.where(mask, out.to(x.dtype), torch.zeros((), dtype=x.dtype))
 
     # ---- update ---------------------------------------------------------------------------------------------
     def _micro_slices(self, replay: ReplayBatch) -> list[slice]:
@@ -195,9 +279,20 @@ class RLTrainer:
         size = tr.replay_batch_size or replay.num_rows
         return [slice(a, min(a + size, b)) for s, b in zip(starts[:-1], starts[1:]) for a in range(s, b, size)]
 
+    def _slices(self, replay: ReplayBatch) -> list[tuple[slice, bool]]:
+        """(slice, is_padding) pairs: the micro slices, padded with repeats up to the largest count over ranks.
+        Under ZeRO every forward (stage 3) and backward (stages 2-3) communicates, so all ranks must run the
+        same number; a padding chunk is run with zero loss weight and its outputs are dropped."""
+        own = self._micro_slices(replay)
+        count = len(own)
+        if self.backend.world_size > 1:
+            count = int(self.backend.all_reduce(torch.tensor(count), op="max"))
+        return [(sl, False) for sl in own] + [(own[-1], True)] * (count - len(own))
+
     def _chunked(self, replay: ReplayBatch, fn: Callable[[ReplayBatch, slice], torch.Tensor]) -> torch.Tensor:
         """Run `fn(rows, slice)` over the micro-batches and concatenate: [R, T]."""
-        return torch.cat([fn(replay.slice(sl), sl) for sl in self._micro_slices(replay)], dim=0)
+        outs = [(fn(replay.slice(sl), sl), pad) for sl, pad in self._slices(replay)]
+        return torch.cat([out for out, pad in outs if not pad], dim=0)
 
     def update(self, traj: Trajectory, replay: ReplayBatch, adv: credit.Advantages,
                old_values: torch.Tensor | None) -> dict[str, float]:
@@ -209,6 +304,10 @@ class RLTrainer:
         # weights over the WHOLE batch: micro-batches then sum to exactly the full-batch loss
         weights = losses.token_weights(mask, alg.loss_aggregation, replay.step_id, replay.source_row,
                                        constant=float(traj.response_length * traj.num_sequences))
+        if self.backend.world_size > 1:  # ... and over ALL ranks: rescale this rank's normaliser to the global one
+            local = torch.tensor(float(_normaliser_count(mask, alg.loss_aggregation, replay, traj.num_sequences)),
+                                 dtype=torch.float64)
+            weights = weights * (local / self.backend.all_reduce(local).clamp(min=1)).to(weights.dtype)
         old_lp = self._old_logprobs(traj, replay, targets)
         ref_lp = None
         if alg.beta > 0:
@@ -216,6 +315,10 @@ class RLTrainer:
                 ref_lp = self._chunked(replay, lambda b, sl: token_logprobs(ref, b, targets[sl], temp)[0].cpu())
         metrics: dict[str, float] = {}
         for _ in range(alg.num_iterations):
+            if self.joint:
+                metrics = self._joint_epoch(replay, targets, advantages, mask, weights, old_lp, ref_lp,
+                                            replay.gather(adv.returns), old_values)
+                continue
             metrics = self._policy_epoch(replay, targets, advantages, mask, weights, old_lp, ref_lp)
             if self.value_model is not None:
                 metrics.update(self._value_epoch(replay, replay.gather(adv.returns), old_values, mask, weights))
@@ -229,52 +332,108 @@ class RLTrainer:
             return self._chunked(replay, lambda b, sl: token_logprobs(self.model, b, targets[sl], temp)[0].cpu())
 
     def _policy_epoch(self, replay, targets, advantages, mask, weights, old_lp, ref_lp) -> dict[str, float]:
-        alg, temp = self.config.algorithm, self.config.rollout.temperature
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.zero_grad()
+        sums = self._policy_backward(replay, targets, advantages, mask, weights, old_lp, ref_lp, last=True)
+        grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
+        self.scheduler.step()
+        self.model.eval()
+        return {**self._finish(sums), "grad_norm": grad_norm}
+
+    def _value_epoch(self, replay, returns, old_values, mask, weights) -> dict[str, float]:
+        self.value.zero_grad()
+        sums = self._value_backward(replay, returns, old_values, mask, weights, last=True)
+        self.value.step(self.config.optimizer.max_grad_norm)
+        return self._finish(sums)
+
+    def _joint_epoch(self, replay, targets, advantages, mask, weights, old_lp, ref_lp, returns, old_values
+                     ) -> dict[str, float]:
+        """Policy and LoRA value adapter in one engine: both backwards, then one step (one clipping norm)."""
+        self.model.train()
+        self.policy.zero_grad()
+        sums = self._policy_backward(replay, targets, advantages, mask, weights, old_lp, ref_lp, last=False)
+        self.model.eval()  # the value model reads the policy's modules in eval mode, as in _value_epoch
+        value_sums = self._value_backward(replay, returns, old_values, mask, weights, last=True)
+        grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
+        self.scheduler.step()
+        return {**self._finish(sums), "grad_norm": grad_norm, **self._finish(value_sums)}
+
+    def _policy_backward(self, replay, targets, advantages, mask, weights, old_lp, ref_lp, last: bool
+                         ) -> dict[str, float]:
+        """Accumulate the policy loss gradient over the chunks; returns this rank's metric sums."""
+        alg, temp = self.config.algorithm, self.config.rollout.temperature
         sums: dict[str, float] = {}
-        for sl in self._micro_slices(replay):
-            lp, ent = token_logprobs(self.model, replay.slice(sl), targets[sl], temp, with_entropy=True)
+        chunks = self._slices(replay)
+        for i, (sl, pad) in enumerate(chunks):
+            batch = replay.slice(sl)
+            lp, ent = self.policy.run(lambda: token_logprobs(self.model, batch, targets[sl], temp, with_entropy=True))
             dev = lp.device
+            w = weights[sl].to(dev)
             out = losses.policy_loss(
                 lp, old_lp[sl].to(dev), advantages[sl].to(dev), mask[sl].to(dev), kind=alg.loss_type,
                 epsilon_low=alg.epsilon, epsilon_high=alg.epsilon_high, log_ratio_clamp=alg.log_ratio_clamp,
-                weights=weights[sl].to(dev), ref_logprob=None if ref_lp is None else ref_lp[sl].to(dev),
+                weights=torch.zeros_like(w) if pad else w, ref_logprob=None if ref_lp is None else ref_lp[sl].to(dev),
                 beta=alg.beta, kl_kind=alg.kl_estimator, entropy=ent if alg.entropy_coef else ent.detach(),
                 entropy_coef=alg.entropy_coef,
             )
-            out.loss.backward()
-            _accumulate(sums, out.metrics, float(mask[sl].sum()), out.loss.item())
-        grad_norm = self._clip(self.optimizer)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.model.eval()
-        return {**_finish(sums), "grad_norm": grad_norm}
+            self.policy.backward(out.loss, boundary=last and i == len(chunks) - 1)
+            if not pad:
+                _accumulate(sums, out.metrics, float(mask[sl].sum()), out.loss.item())
+        return sums
 
-    def _value_epoch(self, replay, returns, old_values, mask, weights) -> dict[str, float]:
+    def _value_backward(self, replay, returns, old_values, mask, weights, last: bool) -> dict[str, float]:
         alg = self.config.algorithm
-        self.value_optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for sl in self._micro_slices(replay):
-            values = self.value_model(replay.slice(sl))
+        chunks = self._slices(replay)
+        for i, (sl, pad) in enumerate(chunks):
+            batch = replay.slice(sl)
+            values = self.value.run(lambda: self.value_model(batch))
             dev = values.device
+            w = weights[sl].to(dev)
             out = losses.value_loss(values, old_values[sl].to(dev), returns[sl].to(dev), mask[sl].to(dev),
-                                    alg.value_clip, weights=weights[sl].to(dev))
-            out.loss.backward()
-            _accumulate(sums, out.metrics, float(mask[sl].sum()), None)
-        self._clip(self.value_optimizer)
-        self.value_optimizer.step()
-        return _finish(sums)
+                                    alg.value_clip, weights=torch.zeros_like(w) if pad else w)
+            self.value.backward(out.loss, boundary=last and i == len(chunks) - 1)
+            if not pad:
+                _accumulate(sums, out.metrics, float(mask[sl].sum()), None)
+        return sums
 
-    def _clip(self, optimizer: torch.optim.Optimizer) -> float:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return 0.0
-        max_norm = self.config.optimizer.max_grad_norm
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
+    def _finish(self, sums: dict[str, float]) -> dict[str, float]:
+        """Token-weighted means over every rank's chunks (the loss: the sum of the ranks' shares)."""
+        if self.backend.world_size > 1:
+            every = self.backend.all_gather_object(sums)
+            sums = {k: sum(s.get(k, 0.0) for s in every) for k in dict.fromkeys(k for s in every for k in s)}
+        return _finish(sums)
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------
+def _constant_lr(_: int) -> float:
+    return 1.0
+
+
+def _hold_lr(scheduler: Any, group: int) -> None:
+    """Keep one parameter group of a LambdaLR schedule at its base lr (the joint engine's value group)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None or len(lambdas) <= group:
+        return
+    lambdas[group] = _constant_lr
+    scheduler.optimizer.param_groups[group]["lr"] = scheduler.base_lrs[group]  # undo the warmup factor applied at 0
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def _normaliser_count(mask: torch.Tensor, agg: str, replay: ReplayBatch, num_sequences: int) -> int:
+    """What losses.token_weights divides by on this rank: tokens (token-mean), sequences with tokens
+    (sequence-mean), (sequence, step) groups (step-mean), sequences (sequence-sum / constant = L x #sequences)."""
+    if agg == "token-mean":
+        return int(mask.sum())
+    if agg == "sequence-mean":
+        return int(torch.unique(replay.source_row[mask.any(1)]).numel())
+    if agg == "step-mean":
+        valid = mask & (replay.step_id >= 0)
+        rows = replay.source_row[:, None].expand_as(valid)[valid]
+        return int(torch.unique(torch.stack([rows, replay.step_id[valid]]), dim=1).shape[1])
+    return num_sequences
+
+
 def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:
     """A LoRA value adapter lives inside the policy's peft model; the policy optimizer must not own it."""
     vm = trainer.value_model

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tracerl.models.base import DiffusionLM
+from tracerl.peft_utils import keep_requires_grad
 from tracerl.replay import ReplayBatch
 
 VALUE_ADAPTER = "value"
@@ -41,7 +42,10 @@ class ValueModel(nn.Module):
             active = backbone.active_adapter
             backbone.add_adapter(VALUE_ADAPTER, copy.deepcopy(backbone.peft_config[active]))
             backbone.set_adapter(active)  # adding an adapter must not switch the policy's
-            return cls(policy, adapter=VALUE_ADAPTER)
+            value = cls(policy, adapter=VALUE_ADAPTER)
+            for p in value._adapter_params().values():  # trainable for good: switching adapters keeps the flags
+                p.requires_grad_(True)
+            return value
         body = DiffusionLM(copy.deepcopy(backbone), policy.tokenizer, policy.spec)
         body.requires_grad_(True)
         return cls(body)
@@ -62,11 +66,13 @@ class ValueModel(nn.Module):
             return
         backbone = self.body.backbone
         previous = backbone.active_adapter
-        backbone.set_adapter(self.adapter)
+        with keep_requires_grad(backbone):  # set_adapter's requires_grad side effects would break ZeRO's hooks
+            backbone.set_adapter(self.adapter)
         try:
             yield
         finally:
-            backbone.set_adapter(previous)
+            with keep_requires_grad(backbone):
+                backbone.set_adapter(previous)
 
     def forward(self, batch: ReplayBatch) -> torch.Tensor:
         """[R, T] value of every position of the replay rows (read at the scored positions)."""
@@ -75,7 +81,8 @@ class ValueModel(nn.Module):
         with self._active():
             hidden = self.body.hidden_states(batch.input_ids.to(dev), batch.key_padding.to(dev), visible=visible,
                                              position_ids=batch.position_ids.to(dev))
-        return self.head(hidden.float()).squeeze(-1)
+        # float32 head; under DeepSpeed bf16 the engine casts it to bf16 with everything else
+        return self.head(hidden.to(self.head.weight.dtype)).float().squeeze(-1)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs: the head, plus the body (full copy) or only the value adapter's weights."""

@@ -1,0 +1,103 @@
+"""The CLI a user runs: tiny -> train (W&B offline) -> resume -> eval -> sft, end to end in subprocesses."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tracerl.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=ROOT, env_extra=None):
+    import os
+
+    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "tracerl", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def read_wandb_records(run_file: Path) -> list:
+    """Records of an offline W&B run file: a 7-byte header, then LevelDB-style chunks in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, pending, out = run_file.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a chunk header: skip to the next block
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    out = cli("tiny", str(path))
+    assert out.returncode == 0, out.stderr
+    return path
+
+
+def test_train_logs_wandb_offline_resumes_and_evaluates(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    common = ["recipes/cpu_quickstart.yaml", f"model.path={tiny_dir}", f"trainer.output_dir={run}",
+              "trainer.save_steps=2", "logging.report_to=[wandb]"]
+    out = cli("train", *common, "trainer.max_steps=2")
+    assert out.returncode == 0, out.stderr
+    assert (run / "checkpoint-2" / "model" / "config.json").is_file()
+    # the same command with resume=latest continues from step 2 to 4
+    out = cli("train", *common, "trainer.max_steps=4", "trainer.resume_from_checkpoint=latest")
+    assert out.returncode == 0, out.stderr
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    first = read_metrics(run / "metrics.jsonl")[0]
+    for key in ("reward", "reward_std", "rewards/math/mean", "rewards/length/mean", "completions/mean_length",
+                "trajectory/steps_per_sequence", "perf/rollout_seconds", "clip_ratio", "entropy"):
+        assert key in first, key
+    # the offline W&B run holds the resolved config and every step's metrics
+    runs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs
+    records = read_wandb_records(runs[0])
+    config_keys = {item.key for r in records if r.HasField("run") for item in r.run.config.update}
+    assert {"rollout", "algorithm", "trainer"} <= config_keys
+    logged = [json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item
+              if (i.key or "/".join(i.nested_key)) == "reward"]
+    assert len(logged) == 2
+    # eval writes prompts, completions, rewards and trajectories
+    out = cli("eval", "recipes/cpu_quickstart.yaml", "--checkpoint", str(run / "checkpoint-4"),
+              f"trainer.output_dir={run}")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and {"prompt", "completion", "reward", "rewards", "unmask_step", "steps"} <= set(rows[0])
+    assert "accuracy" in out.stdout
+
+
+def test_sft_command(tiny_dir, tmp_path):
+    out = cli("sft", "recipes/sft_example.yaml", f"model.path={tiny_dir}", "trainer.max_steps=3",
+              f"trainer.output_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "recipes/cpu_quickstart.yaml", "trainer.max_step=2"], "did you mean trainer.max_steps?"),
+    (["train", "recipes/cpu_quickstart.yaml", "data.train_files=[missing.jsonl]"], "'missing.jsonl' does not exist"),
+    (["train", "recipes/cpu_quickstart.yaml", "rewards=[{fn: nosuchreward}]"], "nosuchreward"),
+    (["train", "recipes/cpu_quickstart.yaml", "model.path=/no/model"], "'/no/model' does not exist"),
+    (["eval", "recipes/cpu_quickstart.yaml", "--checkpoint", "/no/ckpt"], "'/no/ckpt' does not exist"),
+])
+def test_user_mistakes_exit_2(args, message):
+    out = cli(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,119 @@
+"""LoRA through peft, for every family: the adapter wraps `DiffusionLM.backbone` (a transformers *ForCausalLM), so
+the diffusion interface (masks, logit alignment, the sampler) is untouched.
+
+    model = apply_lora(load_model(path), config.peft)    # before RLTrainer; the reference = adapter disabled
+    merged = merge_lora(model)                           # plain weights again, for `tracerl export`
+
+A checkpoint's `model/` directory then holds the adapter (adapter_config.json + adapter_model.safetensors, plus the
+value model's adapter under value/ when there is one); `load_lora(base, adapter_dir)` puts it back on a base model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from torch import nn
+
+from tracerl.config import PeftSection
+from tracerl.errors import UserError
+from tracerl.models.base import DiffusionLM
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_lora(model: DiffusionLM) -> bool:
+    return hasattr(model.backbone, "peft_config")
+
+
+def _output_layer_names(backbone: nn.Module) -> set[str]:
+    """Full names of the LM head: the output embedding when the model names one, else any module called lm_head."""
+    head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    return {n for n, m in backbone.named_modules() if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
+
+
+def resolve_targets(backbone: nn.Module, target_modules: list[str] | str) -> list[str] | str:
+    """"all-linear" -> every nn.Linear but the LM head (LoRA on the vocabulary projection would be a huge, rarely
+    wanted adapter). Short suffix names (q_proj, ...) when no suffix is shared with the head, full names otherwise
+    (LLaDA's published tree calls both its head and its MLP output `ff_out`)."""
+    if not (isinstance(target_modules, str) and target_modules.lower() == "all-linear"):
+        return target_modules
+    head = _output_layer_names(backbone)
+    linear = {n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and n not in head}
+    if not linear:
+        raise UserError("peft.target_modules=all-linear: the model has no linear layers besides its LM head")
+    suffixes = {n.split(".")[-1] for n in linear}
+    if suffixes & {n.split(".")[-1] for n in head}:
+        return sorted(linear)
+    return sorted(suffixes)
+
+
+def apply_lora(model: DiffusionLM, peft_section: PeftSection) -> DiffusionLM:
+    """Wrap the backbone in a LoRA peft model (in place; returns `model`). Only adapter weights are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    if peft_section.r is None:
+        return model
+    if is_lora(model):
+        raise UserError("the model already carries a LoRA adapter; merge it (tracerl export) before adding another")
+    config = LoraConfig(r=peft_section.r, lora_alpha=peft_section.lora_alpha, lora_dropout=peft_section.lora_dropout,
+                        target_modules=resolve_targets(model.backbone, peft_section.target_modules))
+    try:
+        model.backbone = get_peft_model(model.backbone, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise UserError(f"peft.target_modules: {exc}") from exc
+    return model
+
+
+def merge_lora(model: DiffusionLM) -> DiffusionLM:
+    """Fold the policy adapter into the base weights and drop every adapter (the value adapter included)."""
+    if not is_lora(model):
+        return model
+    backbone = model.backbone
+    backbone.set_adapter(_policy_adapter(backbone))  # merge_and_unload merges the *active* adapter
+    return DiffusionLM(backbone.merge_and_unload(), model.tokenizer, model.spec)
+
+
+def load_lora(model: DiffusionLM, adapter_dir: str | Path, trainable: bool = False) -> DiffusionLM:
+    """Put a saved adapter (a checkpoint's model/ directory) on a base model."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    model.backbone = PeftModel.from_pretrained(model.backbone, str(adapter_dir), is_trainable=trainable)
+    return model
+
+
+def load_adapter_weights(model: DiffusionLM, adapter_dir: Path) -> None:
+    """Resume: copy a saved policy adapter into the model's existing adapter of the same name."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if not is_lora(model):
+        raise UserError(f"{adapter_dir} holds a LoRA adapter but the model has none (set peft.r as in the run)")
+    backbone = model.backbone
+    result = set_peft_model_state_dict(backbone, load_peft_weights(str(adapter_dir), device="cpu"),
+                                       adapter_name=_policy_adapter(backbone))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"{adapter_dir}: adapter does not fit the model (e.g. {unexpected[0]}); same peft.r and "
+                        "peft.target_modules as the run that wrote it?")
+
+
+def _policy_adapter(backbone: nn.Module) -> str:
+    """The policy's adapter: the first one added ("default"); a value adapter is added after it."""
+    return next(iter(backbone.peft_config))
+
+
+@contextmanager
+def keep_requires_grad(module: nn.Module) -> Iterator[None]:
+    """peft's set_adapter / disable_adapter flip `requires_grad` on adapter weights as a side effect. Under ZeRO
+    the optimizer registered its gradient hooks on exactly the parameters that were trainable when the engine was
+    built, so adapter switching must not change which ones are: restore every flag on exit."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
