@@ -2,11 +2,18 @@
 position and step, so `resume_from_checkpoint` continues exactly where the run stopped.
 
     output_dir/checkpoint-<step>/
-        model/                 load_model()-able directory
-        training_state.pt      optimizer, scheduler, value model + its optimizer, RNG states
-        trainer_state.json     step, prompt-sampler position
+        model/                 load_model()-able directory; with LoRA the peft adapter (adapter_config.json +
+                               adapter_model.safetensors, a value adapter under value/) for `load_lora` / export
+        training_state.pt      scheduler and RNG states; single process also: optimizer, value model + optimizer
+        trainer_state.json     step, prompt-sampler position, world size
+      under DeepSpeed also:
+        deepspeed/policy/      engine.save_checkpoint: every rank's optimizer / parameter partitions (ZeRO)
+        deepspeed/value/       the value model's engine (full-copy value model only; a LoRA value adapter shares
+                               the policy's engine)
+        rng_state_<rank>.pt    each rank's RNG states
 A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a half-written
-checkpoint that `latest` would pick.
+checkpoint that `latest` would pick. A DeepSpeed checkpoint resumes under DeepSpeed with the same world size (the
+weights come from the engine checkpoint; model/ is the exported copy).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 import torch
 
 from tracerl.errors import UserError
+from tracerl.peft_utils import ADAPTER_CONFIG, is_lora, load_adapter_weights, save_lora
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -28,34 +36,66 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(trainer: Any) -> Path:
-    tr = trainer.config.trainer
+    """Collective under DeepSpeed: every rank calls it (engine shards, gathered weights); rank 0 writes the rest."""
+    tr, backend = trainer.config.trainer, trainer.backend
     final = Path(tr.output_dir) / f"checkpoint-{trainer.step}"
-    if trainer.backend.is_main:
-        tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + ".tmp")
+    if backend.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainer.model.save_pretrained(tmp / "model")
+    backend.barrier()  # the directory exists before any rank writes into it
+    save_weights(trainer, tmp / "model")
+    if backend.engine_checkpoints:
+        trainer.policy.save(tmp / "deepspeed", "policy")
+        if trainer.value is not None and trainer.value is not trainer.policy:
+            trainer.value.save(tmp / "deepspeed", "value")
+        torch.save(_rng_state(), tmp / f"rng_state_{backend.rank}.pt")
+    if backend.is_main:
         torch.save(_training_state(trainer), tmp / "training_state.pt")
-        meta = {"step": trainer.step, "sampler": trainer.sampler.state_dict()}
+        meta = {"step": trainer.step, "sampler": trainer.sampler.state_dict(), "world_size": backend.world_size,
+                "deepspeed": backend.engine_checkpoints}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+    backend.barrier()  # every shard is written before the rename makes the checkpoint visible
+    if backend.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _prune(Path(tr.output_dir), tr.save_total_limit)
-    trainer.backend.barrier()
+    backend.barrier()
     return final
 
 
+def save_weights(trainer: Any, path: Path) -> None:
+    """The policy in Hugging Face layout (or its LoRA adapter) on rank 0. Under ZeRO-3 the parameters to write
+    (all of them, or only the adapters') are gathered on every rank first; that is collective."""
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad] if is_lora(model) else list(model.parameters())
+    with trainer.backend.gathered(params):
+        if trainer.backend.is_main:
+            save_lora(model, path) if is_lora(model) else model.save_pretrained(path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _training_state(trainer: Any) -> dict[str, Any]:
-    state = {
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
+    state: dict[str, Any] = {"scheduler": trainer.scheduler.state_dict(), "rng": _rng_state()}
+    if trainer.backend.engine_checkpoints:
+        return state  # optimizer, value model and their states live in the engine checkpoints
+    state["optimizer"] = trainer.optimizer.state_dict()
     if trainer.value_model is not None:
         state["value_model"] = trainer.value_model.checkpoint_state()
         state["value_optimizer"] = trainer.value_optimizer.state_dict()
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -84,22 +124,47 @@ def resume_if_asked(trainer: Any) -> None:
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    written_by_ds = bool(meta.get("deepspeed", False))
+    if written_by_ds != trainer.backend.engine_checkpoints:
+        how = "under DeepSpeed" if written_by_ds else "without DeepSpeed"
+        raise UserError(f"{path} was written {how}; resume it the same way (its model/ directory can start a new "
+                        "run as model.path)")
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    if written_by_ds:
+        _load_engines(trainer, path, meta)
+    else:
+        _load_local(trainer, path, state)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.step = int(meta["step"])
+    trainer.sampler.load_state_dict(meta["sampler"])
+
+
+def _load_engines(trainer: Any, path: Path, meta: dict[str, Any]) -> None:
+    backend = trainer.backend
+    if int(meta.get("world_size", 1)) != backend.world_size:
+        raise UserError(f"{path} was written by {meta.get('world_size')} ranks; resume it with the same number "
+                        f"(this run has {backend.world_size})")
+    if trainer.value is not None and trainer.value is not trainer.policy and not (path / "deepspeed/value").is_dir():
+        raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")
+    trainer.policy.load(path / "deepspeed", "policy")
+    if trainer.value is not None and trainer.value is not trainer.policy:
+        trainer.value.load(path / "deepspeed", "value")
+    _set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", map_location="cpu", weights_only=False))
+
+
+def _load_local(trainer: Any, path: Path, state: dict[str, Any]) -> None:
     from tracerl.models import load_model
 
-    saved = load_model(str(path / "model"), dtype=trainer.model.dtype, device=str(trainer.model.device))
-    trainer.model.backbone.load_state_dict(saved.backbone.state_dict())
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    if (path / "model" / ADAPTER_CONFIG).is_file():
+        load_adapter_weights(trainer.model, path / "model")
+    else:
+        saved = load_model(str(path / "model"), dtype=trainer.model.dtype, device=str(trainer.model.device))
+        trainer.model.backbone.load_state_dict(saved.backbone.state_dict())
     trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
     if trainer.value_model is not None:
         if "value_model" not in state:
             raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")
         trainer.value_model.load_checkpoint_state(state["value_model"])
         trainer.value_optimizer.load_state_dict(state["value_optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    meta = json.loads((path / "trainer_state.json").read_text())
-    trainer.step = int(meta["step"])
-    trainer.sampler.load_state_dict(meta["sampler"])
+    _set_rng_state(state["rng"])

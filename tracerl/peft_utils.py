@@ -75,6 +75,14 @@ def merge_lora(model: DiffusionLM) -> DiffusionLM:
     return DiffusionLM(backbone.merge_and_unload(), model.tokenizer, model.spec)
 
 
+def save_lora(model: DiffusionLM, path: str | Path) -> None:
+    """The adapter(s) and the tokenizer; the base weights stay where model.path points (a family's published
+    layout cannot hold an adapter, so this bypasses the family savers)."""
+    model.backbone.save_pretrained(str(path))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(path))
+
+
 def load_lora(model: DiffusionLM, adapter_dir: str | Path, trainable: bool = False) -> DiffusionLM:
     """Put a saved adapter (a checkpoint's model/ directory) on a base model."""
     from peft import PeftModel

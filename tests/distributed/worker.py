@@ -1,0 +1,237 @@
+"""One process of the 2-rank DeepSpeed tests (tests/test_distributed.py launches it with the real launcher):
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port P tests/distributed/worker.py --out DIR --scenarios a,b
+
+Every scenario runs in this one launch (the launcher, imports and process group are paid once) and writes
+DIR/<scenario>.rank<r>.json; the test functions read those files. A failing scenario writes its traceback and
+exits, which makes the launcher stop the other rank instead of leaving it waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import traceback
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tracerl.config import AlgorithmConfig, DistributedConfig, OptimizerConfig, PeftSection, RLConfig, TrainerConfig
+from tracerl.distributed import make_backend
+from tracerl.models import build_tiny_model
+from tracerl.peft_utils import apply_lora
+from tracerl.rollout import RolloutConfig, Trajectory
+from tracerl.trainer import RLTrainer
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+# equal-length prompts, so the two ranks' trajectories concatenate into one single-process batch
+ROWS = [{"prompt": p} for p in ["abc", "xyz", "the", "foo", "bar", "qux", "dog", "cat"]]
+
+
+def distinct_chars(prompts, completions, **kwargs):
+    return [len(set(c)) / 8 for c in completions]
+
+
+def make_config(ds: str | None, out: Path, block: bool = False, per_device: int = 4, ga: int = 2,
+                **sections: dict[str, Any]) -> RLConfig:
+    cfg = RLConfig(
+        rollout=RolloutConfig(max_completion_length=8, steps=4, block_length=None if block else 4, temperature=1.0),
+        algorithm=AlgorithmConfig(),
+        optimizer=OptimizerConfig(learning_rate=3e-3),
+        trainer=TrainerConfig(max_steps=2, num_generations=4, per_device_train_batch_size=per_device,
+                              gradient_accumulation_steps=ga, output_dir=str(out), logging_steps=100),
+        distributed=DistributedConfig(deepspeed=ds),
+    )
+    for name, values in sections.items():
+        for k, v in values.items():
+            setattr(getattr(cfg, name), k, v)
+    return cfg
+
+
+def tiny(block: bool = False, lora: bool = False):
+    model = build_tiny_model("qwen3" if block else "llama", block_size=4 if block else None, seed=0)
+    return apply_lora(model, PeftSection(r=4, lora_alpha=8)) if lora else model
+
+
+def checksum(trainer: RLTrainer) -> str:
+    """sha256 of every trained weight (gathered under ZeRO-3): ranks must agree bit for bit."""
+    named = dict(trainer.model.named_parameters())
+    if trainer.value_model is not None:
+        named.update({f"value.{k}": v for k, v in trainer.value_model.named_parameters()})
+    with trainer.backend.gathered(list(named.values())):
+        h = hashlib.sha256()
+        for k in sorted(named):
+            h.update(named[k].detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def run_with_checksums(trainer: RLTrainer) -> tuple[list[dict[str, float]], list[str]]:
+    sums: list[str] = []
+    step = trainer.train_step
+
+    def spied() -> dict[str, float]:
+        metrics = step()
+        sums.append(checksum(trainer))
+        return metrics
+
+    trainer.train_step = spied
+    return trainer.train(), sums
+
+
+# ---- gradient equivalence: 2 ranks x half the completions == 1 process x all of them -------------------------
+def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    values = {}
+    for f in fields(Trajectory):
+        vals = [getattr(t, f.name) for t in parts]
+        if f.name == "block_bounds" or not isinstance(vals[0], torch.Tensor):
+            values[f.name] = sum(vals) if f.name == "num_forwards" else vals[0]
+        else:
+            values[f.name] = torch.cat(vals)
+    return Trajectory(**values)
+
+
+def capture_grads(trainable: Any, params: list[torch.nn.Parameter], out: list[torch.Tensor]) -> None:
+    """Record the full (reduced) gradient of `params` just before the trainable's optimizer step."""
+    from deepspeed.utils import safe_get_full_grad
+
+    step = trainable.step
+
+    def spied(max_grad_norm):
+        grads = [safe_get_full_grad(p) if hasattr(trainable, "engine") else p.grad for p in params]
+        out.append(torch.cat([g.detach().float().flatten().cpu() for g in grads if g is not None]))
+        return step(max_grad_norm)
+
+    trainable.step = spied
+
+
+def equivalence(out: Path, ds: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    backend = make_backend(DistributedConfig(deepspeed=ds))
+    trainer = RLTrainer(make_config(ds, out / "ds", **sections), tiny(), distinct_chars, ROWS, backend=backend)
+    traj, prompts, texts, columns = trainer.rollout(trainer._step_rows())
+    rewards, _ = trainer.score(prompts, texts, columns, traj)
+    parts = backend.all_gather_object((traj, rewards))
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads: list[torch.Tensor] = []
+    capture_grads(trainer.policy, trained, grads)
+    if trainer.value is not None:
+        capture_grads(trainer.value, list(trainer.value_model.trainable_parameters()), grads)
+    metrics = trainer.learn(traj, rewards)
+    with backend.gathered(trained):
+        after = torch.cat([p.detach().float().flatten().cpu() for p in trained])
+    result = {"ranks_prompts": [len(set(t.group_id.tolist())) for t, _ in parts]}
+    if backend.is_main:  # the same update in one process, on both ranks' completions
+        local = RLTrainer(make_config(None, out / "local", ga=4, **sections), tiny(), distinct_chars, ROWS)
+        local_grads: list[torch.Tensor] = []
+        capture_grads(local.policy, [p for p in local.model.parameters() if p.requires_grad], local_grads)
+        if local.value is not None:
+            capture_grads(local.value, list(local.value_model.trainable_parameters()), local_grads)
+        ref = local.learn(cat_trajectories([t for t, _ in parts]), torch.cat([r for _, r in parts]))
+        ref_after = torch.cat([p.detach().float().flatten() for p in local.model.parameters() if p.requires_grad])
+        result.update({
+            "grad_max_diff": [float((a - b).abs().max()) for a, b in zip(grads, local_grads)],
+            "grad_max_abs": [float(b.abs().max()) for b in local_grads],
+            "param_max_diff": float((after - ref_after).abs().max()),
+            "param_moved": float((ref_after - torch.cat([p.detach().flatten() for p in tiny().parameters()])).abs().max()),
+            "metrics": {k: [metrics[k], ref[k]] for k in ("loss", "grad_norm", "value/loss") if k in ref},
+        })
+    return result
+
+
+# ---- scenarios ---------------------------------------------------------------------------------------------
+def zero2_equivalence(out: Path) -> dict[str, Any]:
+    """ZeRO-2, step-mean aggregation, scale_rewards=batch: global normalisers and the global reward std."""
+    return equivalence(out, str(RECIPES / "zero2.json"),
+                       algorithm={"loss_aggregation": "step-mean", "scale_rewards": "batch"})
+
+
+def zero3_equivalence(out: Path) -> dict[str, Any]:
+    """ZeRO-3 with a full-copy value model (second engine, globally whitened GAE) and a KL reference (frozen
+    ZeRO-3 engine)."""
+    return equivalence(out, str(RECIPES / "zero3.json"),
+                       algorithm={"use_value_model": True, "beta": 0.05, "loss_aggregation": "sequence-mean"})
+
+
+def _resume_pair(out: Path, ds: str, steps: int, save_at: int, model_fn: Callable, **sections) -> dict[str, Any]:
+    """An uninterrupted `steps`-step run that also saves at `save_at`, and a run resumed from that checkpoint."""
+    backend = make_backend(DistributedConfig(deepspeed=ds))
+    full_cfg = make_config(ds, out / "full", **sections)
+    full_cfg.trainer.max_steps, full_cfg.trainer.save_steps = steps, save_at
+    full, sums = run_with_checksums(RLTrainer(full_cfg, model_fn(), distinct_chars, ROWS, backend=backend))
+    ckpt = out / "full" / f"checkpoint-{save_at}"
+    resumed_cfg = make_config(ds, out / "resumed", **sections)
+    resumed_cfg.trainer.max_steps, resumed_cfg.trainer.resume_from_checkpoint = steps, str(ckpt)
+    resumed, resumed_sums = run_with_checksums(RLTrainer(resumed_cfg, model_fn(), distinct_chars, ROWS,
+                                                         backend=backend))
+    return {"full": full, "resumed": resumed, "checksums": sums, "resumed_checksums": resumed_sums,
+            "checkpoint_files": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())}
+
+
+def zero3_resume(out: Path) -> dict[str, Any]:
+    """ZeRO-3, block diffusion (KV-cached rollouts on gathered parameters): 3 steps == 2 steps + resume."""
+    return _resume_pair(out, str(RECIPES / "zero3.json"), 3, 2, lambda: tiny(block=True), block=True)
+
+
+def zero3_lora(out: Path) -> dict[str, Any]:
+    """ZeRO-3 + LoRA policy + LoRA value adapter (one engine) + reference = adapter disabled; resume."""
+    return _resume_pair(out, str(RECIPES / "zero3.json"), 2, 1, lambda: tiny(lora=True),
+                        algorithm={"use_value_model": True, "beta": 0.05})
+
+
+def zero2_lora(out: Path) -> dict[str, Any]:
+    backend = make_backend(DistributedConfig(deepspeed=str(RECIPES / "zero2.json")))
+    cfg = make_config(str(RECIPES / "zero2.json"), out, algorithm={"use_value_model": True, "beta": 0.05})
+    history, sums = run_with_checksums(RLTrainer(cfg, tiny(lora=True), distinct_chars, ROWS, backend=backend))
+    return {"full": history, "checksums": sums}
+
+
+def zero3_offload(out: Path) -> dict[str, Any]:
+    """The shipped offload config (params + optimizer on CPU), with torch AdamW instead of DeepSpeedCPUAdam so
+    the test compiles nothing."""
+    config = json.loads((RECIPES / "zero3_offload.json").read_text())
+    config["zero_force_ds_cpu_optimizer"] = False
+    for key in ("offload_optimizer", "offload_param"):
+        config["zero_optimization"][key]["pin_memory"] = False
+    path = out / "zero3_offload.json"
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+    backend = make_backend(DistributedConfig(deepspeed=None))  # the process group, to wait for the file
+    backend.barrier()
+    backend = make_backend(DistributedConfig(deepspeed=str(path)))
+    cfg = make_config(str(path), out, trainer={"max_steps": 1})
+    history, sums = run_with_checksums(RLTrainer(cfg, tiny(), distinct_chars, ROWS, backend=backend))
+    return {"full": history, "checksums": sums}
+
+
+SCENARIOS = {f.__name__: f for f in (zero2_equivalence, zero3_equivalence, zero3_resume, zero3_lora, zero2_lora,
+                                     zero3_offload)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", 0))
+    root = Path(args.out)
+    for name in args.scenarios.split(","):
+        target = root / f"{name}.rank{rank}.json"
+        try:
+            result = SCENARIOS[name](root / name)
+        except Exception:  # noqa: BLE001 - reported to the test, then the launcher stops the other rank
+            target.write_text(json.dumps({"error": traceback.format_exc()}))
+            sys.stderr.write(traceback.format_exc())
+            sys.stderr.flush()
+            os._exit(1)
+        target.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
