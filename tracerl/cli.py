@@ -29,6 +29,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kv-cache", action="store_true", help="block diffusion: recompute committed blocks")
     p.add_argument("--show-trajectory", action="store_true", help="print which tokens each step committed")
     p.add_argument("--save-trajectory", default=None, help="write the Trajectory to this file (torch format)")
+    p.add_argument("--plot", default=None, help="draw the unmask order (step x position heatmap) to this PNG")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -61,6 +62,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(format_unmask_order(traj, model.tokenizer))
     if args.save_trajectory:
         traj.save(args.save_trajectory)
+    if args.plot:
+        from tracerl.rollout.plot import plot_unmask_order
+
+        print(f"wrote {plot_unmask_order(traj, model.tokenizer, args.plot, title=args.prompt[-60:])}")
     return 0
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import get_scheduler
 
 from tracerl import credit, losses
+from tracerl import data_parallel as dp
 from tracerl.config import RLConfig, TrainerConfig
 from tracerl.data import PromptSampler, columns_of
 from tracerl.distributed import Backend, LocalBackend
@@ -38,10 +39,6 @@ from tracerl.rollout import Trajectory, generate
 from tracerl.rollout.display import completions as decode_completions
 from tracerl.tracking import MetricsLogger
 from tracerl.value import ValueModel
-
-SUMMED_METRICS = ("trajectory/rows_kept", "perf/rollout_tokens_per_second")  # over ranks; others are averaged
-SLOWEST_METRICS = ("perf/rollout_seconds", "perf/train_seconds", "perf/step_seconds")  # the slowest rank
-BATCH_STD_EPS = 1e-4  # credit.grpo_advantages' eps, for the global scale_rewards=batch std
 
 
 class RLTrainer:
@@ -148,8 +145,8 @@ class RLTrainer:
         t1 = time.perf_counter()
         learned = self.learn(traj, rewards)
         steps = traj.steps_per_sequence().float()
-        return self._across_ranks({
-            **self._reward_stats(rewards),
+        return dp.across_ranks(self.backend, {
+            **dp.reward_stats(self.backend, rewards),
             **reward_metrics,
             **learned,
             "completions/mean_length": traj.completion_lengths().float().mean().item(),
@@ -182,25 +179,6 @@ class RLTrainer:
         k = completions_per_step(tr) // tr.num_generations  # prompts per rank
         picked = self.sampler.next(k * self.backend.world_size)
         return [self.rows[i] for i in picked[rank * k:(rank + 1) * k]]
-
-    def _reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
-        every = torch.cat(self.backend.all_gather_object(rewards))
-        finite = every[torch.isfinite(every)]
-        return {"reward": finite.mean().item() if finite.numel() else float("nan"),
-                "reward_std": finite.std().item() if finite.numel() > 1 else 0.0}
-
-    def _across_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Per-rank metrics -> the job's: sums for counts and throughput, the slowest rank's times, else means
-        (each rank holds the same number of completions, so the mean of rank means is the global mean)."""
-        if self.backend.world_size == 1:
-            return metrics
-        every = self.backend.all_gather_object(metrics)
-        out = {}
-        for key in metrics:
-            values = [float(m[key]) for m in every]
-            out[key] = (sum(values) if key in SUMMED_METRICS else max(values) if key in SLOWEST_METRICS
-                        else sum(values) / len(values))
-        return out
 
     # ---- rollout and reward ---------------------------------------------------------------------------------
     def rollout(self, rows: list[dict[str, Any]]) -> tuple[Trajectory, list[Any], list[str], dict[str, list]]:
@@ -240,7 +218,7 @@ class RLTrainer:
                                          "none" if global_std else alg.scale_rewards,
                                          drop_zero_std=alg.drop_zero_std_groups)
             if global_std:  # groups are rank-local, the batch is not: divide by the std over every rank's rewards
-                adv.advantages = adv.advantages / (self._global_reward_std(rewards) + BATCH_STD_EPS)
+                adv.advantages = adv.advantages / (dp.global_std(self.backend, rewards) + dp.BATCH_STD_EPS)
             return adv, None
         with torch.no_grad():
             old_values = self._chunked(replay, lambda b, sl: self.value_model(b).float().cpu())  # [R, T]
@@ -251,23 +229,8 @@ class RLTrainer:
         adv = credit.step_gae(values, r, train_step, traj.action_mask & scorable[:, None], alg.gamma, alg.lam)
         if alg.whiten_advantages:
             adv.advantages = (credit.whiten(adv.advantages, adv.token_mask) if self.backend.world_size == 1
-                              else self._whiten_global(adv.advantages, adv.token_mask))
+                              else dp.whiten(self.backend, adv.advantages, adv.token_mask))
         return adv, old_values
-
-    def _global_reward_std(self, rewards: torch.Tensor) -> float:
-        every = torch.cat(self.backend.all_gather_object(rewards))
-        finite = every[torch.isfinite(every)]
-        return finite.std().item() if finite.numel() > 1 else 0.0
-
-    def _whiten_global(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """credit.whiten with the mean and unbiased variance taken over every rank's masked entries."""
-        total = self.backend.all_reduce(torch.stack([torch.where(mask, x, 0.0).sum().double(),
-                                                     mask.sum().double()]))
-        n = total[1]
-        mean = total[0] / n.clamp(min=1)
-        sq = self.backend.all_reduce(torch.where(mask, (x.double() - mean) ** 2, 0.0).sum())
-        out = (x.double() - mean) * torch.rsqrt(sq / (n - 1).clamp(min=1) + eps)
-        return torch.where(mask, out.to(x.dtype), torch.zeros((), dtype=x.dtype))
 
     # ---- update ---------------------------------------------------------------------------------------------
     def _micro_slices(self, replay: ReplayBatch) -> list[slice]:
@@ -283,11 +246,7 @@ class RLTrainer:
         """(slice, is_padding) pairs: the micro slices, padded with repeats up to the largest count over ranks.
         Under ZeRO every forward (stage 3) and backward (stages 2-3) communicates, so all ranks must run the
         same number; a padding chunk is run with zero loss weight and its outputs are dropped."""
-        own = self._micro_slices(replay)
-        count = len(own)
-        if self.backend.world_size > 1:
-            count = int(self.backend.all_reduce(torch.tensor(count), op="max"))
-        return [(sl, False) for sl in own] + [(own[-1], True)] * (count - len(own))
+        return dp.pad_to_largest(self.backend, self._micro_slices(replay))
 
     def _chunked(self, replay: ReplayBatch, fn: Callable[[ReplayBatch, slice], torch.Tensor]) -> torch.Tensor:
         """Run `fn(rows, slice)` over the micro-batches and concatenate: [R, T]."""
@@ -304,24 +263,23 @@ class RLTrainer:
         # weights over the WHOLE batch: micro-batches then sum to exactly the full-batch loss
         weights = losses.token_weights(mask, alg.loss_aggregation, replay.step_id, replay.source_row,
                                        constant=float(traj.response_length * traj.num_sequences))
-        if self.backend.world_size > 1:  # ... and over ALL ranks: rescale this rank's normaliser to the global one
-            local = torch.tensor(float(_normaliser_count(mask, alg.loss_aggregation, replay, traj.num_sequences)),
-                                 dtype=torch.float64)
-            weights = weights * (local / self.backend.all_reduce(local).clamp(min=1)).to(weights.dtype)
+        if self.backend.world_size > 1:  # ... and over ALL ranks
+            weights = dp.global_weights(self.backend, weights, mask, alg.loss_aggregation, replay, traj.num_sequences)
         old_lp = self._old_logprobs(traj, replay, targets)
         ref_lp = None
         if alg.beta > 0:
             with torch.no_grad(), self._reference() as ref:
                 ref_lp = self._chunked(replay, lambda b, sl: token_logprobs(ref, b, targets[sl], temp)[0].cpu())
+        returns = replay.gather(adv.returns) if adv.returns is not None else None
         metrics: dict[str, float] = {}
         for _ in range(alg.num_iterations):
             if self.joint:
-                metrics = self._joint_epoch(replay, targets, advantages, mask, weights, old_lp, ref_lp,
-                                            replay.gather(adv.returns), old_values)
+                metrics = self._joint_epoch(
+                    _Rows(replay, targets, advantages, mask, weights, old_lp, ref_lp, returns, old_values))
                 continue
             metrics = self._policy_epoch(replay, targets, advantages, mask, weights, old_lp, ref_lp)
             if self.value_model is not None:
-                metrics.update(self._value_epoch(replay, replay.gather(adv.returns), old_values, mask, weights))
+                metrics.update(self._value_epoch(replay, returns, old_values, mask, weights))
         return metrics
 
     def _old_logprobs(self, traj: Trajectory, replay: ReplayBatch, targets: torch.Tensor) -> torch.Tensor:
@@ -332,80 +290,108 @@ class RLTrainer:
             return self._chunked(replay, lambda b, sl: token_logprobs(self.model, b, targets[sl], temp)[0].cpu())
 
     def _policy_epoch(self, replay, targets, advantages, mask, weights, old_lp, ref_lp) -> dict[str, float]:
+        rows = _Rows(replay, targets, advantages, mask, weights, old_lp, ref_lp)
         self.model.train()
         self.policy.zero_grad()
-        sums = self._policy_backward(replay, targets, advantages, mask, weights, old_lp, ref_lp, last=True)
+        sums: dict[str, float] = {}
+        chunks = self._slices(replay)
+        for i, (sl, pad) in enumerate(chunks):
+            batch = replay.slice(sl)
+            lp, ent = self.policy.run(lambda: self._logprobs(batch, targets[sl]))
+            out = self._policy_loss(rows, sl, pad, lp, ent)
+            self.policy.backward(out.loss, boundary=i == len(chunks) - 1)
+            if not pad:
+                _accumulate(sums, out.metrics, float(mask[sl].sum()), out.loss.item())
         grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         self.model.eval()
         return {**self._finish(sums), "grad_norm": grad_norm}
 
     def _value_epoch(self, replay, returns, old_values, mask, weights) -> dict[str, float]:
+        rows = _Rows(replay, None, None, mask, weights, None, None, returns, old_values)
         self.value.zero_grad()
-        sums = self._value_backward(replay, returns, old_values, mask, weights, last=True)
+        sums: dict[str, float] = {}
+        chunks = self._slices(replay)
+        for i, (sl, pad) in enumerate(chunks):
+            batch = replay.slice(sl)
+            out = self._value_loss(rows, sl, pad, self.value.run(lambda: self.value_model(batch)))
+            self.value.backward(out.loss, boundary=i == len(chunks) - 1)
+            if not pad:
+                _accumulate(sums, out.metrics, float(mask[sl].sum()), None)
         self.value.step(self.config.optimizer.max_grad_norm)
         return self._finish(sums)
 
-    def _joint_epoch(self, replay, targets, advantages, mask, weights, old_lp, ref_lp, returns, old_values
-                     ) -> dict[str, float]:
-        """Policy and LoRA value adapter in one engine: both backwards, then one step (one clipping norm)."""
-        self.model.train()
+    def _joint_epoch(self, rows: "_Rows") -> dict[str, float]:
+        """Policy and LoRA value adapter in one engine: ONE backward of (policy + value loss) per chunk, then one
+        step (one clipping norm over both). Every backward must touch every trained parameter: ZeRO-3 overwrites
+        its gradient buffers on the first backward of a step and (with offload) hands them to the optimizer on the
+        last, so a parameter missing from either would keep a stale gradient."""
         self.policy.zero_grad()
-        sums = self._policy_backward(replay, targets, advantages, mask, weights, old_lp, ref_lp, last=False)
-        self.model.eval()  # the value model reads the policy's modules in eval mode, as in _value_epoch
-        value_sums = self._value_backward(replay, returns, old_values, mask, weights, last=True)
+        sums: dict[str, float] = {}
+        value_sums: dict[str, float] = {}
+        chunks = self._slices(rows.replay)
+        for i, (sl, pad) in enumerate(chunks):
+            batch = rows.replay.slice(sl)
+            (lp, ent), values = self.policy.run(lambda: self._logprobs_and_values(batch, rows.targets[sl]))
+            out = self._policy_loss(rows, sl, pad, lp, ent)
+            value_out = self._value_loss(rows, sl, pad, values)
+            self.policy.backward(out.loss + value_out.loss.to(out.loss.device), boundary=i == len(chunks) - 1)
+            if not pad:
+                _accumulate(sums, out.metrics, float(rows.mask[sl].sum()), out.loss.item())
+                _accumulate(value_sums, value_out.metrics, float(rows.mask[sl].sum()), None)
         grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         return {**self._finish(sums), "grad_norm": grad_norm, **self._finish(value_sums)}
 
-    def _policy_backward(self, replay, targets, advantages, mask, weights, old_lp, ref_lp, last: bool
-                         ) -> dict[str, float]:
-        """Accumulate the policy loss gradient over the chunks; returns this rank's metric sums."""
-        alg, temp = self.config.algorithm, self.config.rollout.temperature
-        sums: dict[str, float] = {}
-        chunks = self._slices(replay)
-        for i, (sl, pad) in enumerate(chunks):
-            batch = replay.slice(sl)
-            lp, ent = self.policy.run(lambda: token_logprobs(self.model, batch, targets[sl], temp, with_entropy=True))
-            dev = lp.device
-            w = weights[sl].to(dev)
-            out = losses.policy_loss(
-                lp, old_lp[sl].to(dev), advantages[sl].to(dev), mask[sl].to(dev), kind=alg.loss_type,
-                epsilon_low=alg.epsilon, epsilon_high=alg.epsilon_high, log_ratio_clamp=alg.log_ratio_clamp,
-                weights=torch.zeros_like(w) if pad else w, ref_logprob=None if ref_lp is None else ref_lp[sl].to(dev),
-                beta=alg.beta, kl_kind=alg.kl_estimator, entropy=ent if alg.entropy_coef else ent.detach(),
-                entropy_coef=alg.entropy_coef,
-            )
-            self.policy.backward(out.loss, boundary=last and i == len(chunks) - 1)
-            if not pad:
-                _accumulate(sums, out.metrics, float(mask[sl].sum()), out.loss.item())
-        return sums
+    def _logprobs(self, batch: ReplayBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.model, batch, targets, self.config.rollout.temperature, with_entropy=True)
 
-    def _value_backward(self, replay, returns, old_values, mask, weights, last: bool) -> dict[str, float]:
-        alg = self.config.algorithm
-        sums: dict[str, float] = {}
-        chunks = self._slices(replay)
-        for i, (sl, pad) in enumerate(chunks):
-            batch = replay.slice(sl)
-            values = self.value.run(lambda: self.value_model(batch))
-            dev = values.device
-            w = weights[sl].to(dev)
-            out = losses.value_loss(values, old_values[sl].to(dev), returns[sl].to(dev), mask[sl].to(dev),
-                                    alg.value_clip, weights=torch.zeros_like(w) if pad else w)
-            self.value.backward(out.loss, boundary=last and i == len(chunks) - 1)
-            if not pad:
-                _accumulate(sums, out.metrics, float(mask[sl].sum()), None)
-        return sums
+    def _logprobs_and_values(self, batch: ReplayBatch, targets: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        self.model.train()
+        policy = self._logprobs(batch, targets)
+        self.model.eval()  # the value model reads the policy's modules in eval mode, as in _value_epoch
+        return policy, self.value_model(batch)
+
+    def _policy_loss(self, rows: "_Rows", sl: slice, pad: bool, lp: torch.Tensor, ent: torch.Tensor
+                     ) -> losses.LossOutput:
+        """The chunk's share of the policy loss; a padding chunk (see _slices) weighs nothing."""
+        alg, dev = self.config.algorithm, lp.device
+        w = rows.weights[sl].to(dev)
+        return losses.policy_loss(
+            lp, rows.old_lp[sl].to(dev), rows.advantages[sl].to(dev), rows.mask[sl].to(dev), kind=alg.loss_type,
+            epsilon_low=alg.epsilon, epsilon_high=alg.epsilon_high, log_ratio_clamp=alg.log_ratio_clamp,
+            weights=torch.zeros_like(w) if pad else w,
+            ref_logprob=None if rows.ref_lp is None else rows.ref_lp[sl].to(dev), beta=alg.beta,
+            kl_kind=alg.kl_estimator, entropy=ent if alg.entropy_coef else ent.detach(), entropy_coef=alg.entropy_coef,
+        )
+
+    def _value_loss(self, rows: "_Rows", sl: slice, pad: bool, values: torch.Tensor) -> losses.LossOutput:
+        dev = values.device
+        w = rows.weights[sl].to(dev)
+        return losses.value_loss(values, rows.old_values[sl].to(dev), rows.returns[sl].to(dev), rows.mask[sl].to(dev),
+                                 self.config.algorithm.value_clip, weights=torch.zeros_like(w) if pad else w)
 
     def _finish(self, sums: dict[str, float]) -> dict[str, float]:
         """Token-weighted means over every rank's chunks (the loss: the sum of the ranks' shares)."""
-        if self.backend.world_size > 1:
-            every = self.backend.all_gather_object(sums)
-            sums = {k: sum(s.get(k, 0.0) for s in every) for k in dict.fromkeys(k for s in every for k in s)}
-        return _finish(sums)
+        return _finish(dp.sum_over_ranks(self.backend, sums))
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """The per-row tensors one update epoch reads, [R, T] each on the CPU (None where a path needs none)."""
+
+    replay: ReplayBatch
+    targets: torch.Tensor | None
+    advantages: torch.Tensor | None
+    mask: torch.Tensor
+    weights: torch.Tensor
+    old_lp: torch.Tensor | None
+    ref_lp: torch.Tensor | None
+    returns: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+
+
 def _constant_lr(_: int) -> float:
     return 1.0
 
@@ -418,20 +404,6 @@ def _hold_lr(scheduler: Any, group: int) -> None:
     lambdas[group] = _constant_lr
     scheduler.optimizer.param_groups[group]["lr"] = scheduler.base_lrs[group]  # undo the warmup factor applied at 0
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-
-
-def _normaliser_count(mask: torch.Tensor, agg: str, replay: ReplayBatch, num_sequences: int) -> int:
-    """What losses.token_weights divides by on this rank: tokens (token-mean), sequences with tokens
-    (sequence-mean), (sequence, step) groups (step-mean), sequences (sequence-sum / constant = L x #sequences)."""
-    if agg == "token-mean":
-        return int(mask.sum())
-    if agg == "sequence-mean":
-        return int(torch.unique(replay.source_row[mask.any(1)]).numel())
-    if agg == "step-mean":
-        valid = mask & (replay.step_id >= 0)
-        rows = replay.source_row[:, None].expand_as(valid)[valid]
-        return int(torch.unique(torch.stack([rows, replay.step_id[valid]]), dim=1).shape[1])
-    return num_sequences
 
 
 def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:

@@ -40,7 +40,9 @@ class ValueModel(nn.Module):
         backbone = policy.backbone
         if hasattr(backbone, "peft_config"):
             active = backbone.active_adapter
-            backbone.add_adapter(VALUE_ADAPTER, copy.deepcopy(backbone.peft_config[active]))
+            with torch.random.fork_rng(devices=[]):  # seeded: every rank (and a resumed run) gets the same init
+                torch.manual_seed(0)
+                backbone.add_adapter(VALUE_ADAPTER, copy.deepcopy(backbone.peft_config[active]))
             backbone.set_adapter(active)  # adding an adapter must not switch the policy's
             value = cls(policy, adapter=VALUE_ADAPTER)
             for p in value._adapter_params().values():  # trainable for good: switching adapters keeps the flags

@@ -55,7 +55,16 @@ def make_config(ds: str | None, out: Path, block: bool = False, per_device: int 
 
 def tiny(block: bool = False, lora: bool = False):
     model = build_tiny_model("qwen3" if block else "llama", block_size=4 if block else None, seed=0)
-    return apply_lora(model, PeftSection(r=4, lora_alpha=8)) if lora else model
+    if not lora:
+        return model
+    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are drawn from the global RNG
+        torch.manual_seed(0)
+        model = apply_lora(model, PeftSection(r=4, lora_alpha=8))
+    with torch.no_grad():  # B = 0 at init would make the first step's adapter gradients trivial; nudge it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.01, 0.01, p.numel()).view_as(p))
+    return model
 
 
 def checksum(trainer: RLTrainer) -> str:
@@ -103,43 +112,76 @@ def capture_grads(trainable: Any, params: list[torch.nn.Parameter], out: list[to
 
     def spied(max_grad_norm):
         grads = [safe_get_full_grad(p) if hasattr(trainable, "engine") else p.grad for p in params]
-        out.append(torch.cat([g.detach().float().flatten().cpu() for g in grads if g is not None]))
+        shapes = [getattr(p, "ds_shape", p.shape) for p in params]  # an unused parameter has no gradient: 0
+        out.append(torch.cat([(torch.zeros(s) if g is None else g.detach().float().cpu()).flatten()
+                              for g, s in zip(grads, shapes)]))
         return step(max_grad_norm)
 
     trainable.step = spied
 
 
-def equivalence(out: Path, ds: str, **sections: dict[str, Any]) -> dict[str, Any]:
+def _trained(trainer: RLTrainer) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(policy parameters, value parameters) in a fixed order."""
+    value = list(trainer.value_model.trainable_parameters()) if trainer.value_model is not None else []
+    policy = [p for p in trainer.model.parameters() if p.requires_grad and not any(p is q for q in value)]
+    return policy, value
+
+
+def capture_all(trainer: RLTrainer, out: list[torch.Tensor]) -> None:
+    policy, value = _trained(trainer)
+    if trainer.value is None or trainer.value is trainer.policy:  # one optimizer: one capture of everything
+        capture_grads(trainer.policy, policy + value, out)
+    else:
+        capture_grads(trainer.policy, policy, out)
+        capture_grads(trainer.value, value, out)
+
+
+def _flat(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten().cpu() for p in params])
+
+
+def equivalence(out: Path, ds: str, lora: bool = False, steps: int = 1, **sections: dict[str, Any]
+                ) -> dict[str, Any]:
+    """`steps` updates on 2 ranks (each its own completions) vs the same updates in one process on both ranks'
+    completions: reduced gradients (before clipping), weights after the step, metrics."""
     backend = make_backend(DistributedConfig(deepspeed=ds))
-    trainer = RLTrainer(make_config(ds, out / "ds", **sections), tiny(), distinct_chars, ROWS, backend=backend)
-    traj, prompts, texts, columns = trainer.rollout(trainer._step_rows())
-    rewards, _ = trainer.score(prompts, texts, columns, traj)
-    parts = backend.all_gather_object((traj, rewards))
-    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer = RLTrainer(make_config(ds, out / "ds", **sections), tiny(lora=lora), distinct_chars, ROWS,
+                        backend=backend)
+    local = None
+    if backend.is_main:  # the reference: one process, both ranks' completions
+        local = RLTrainer(make_config(None, out / "local", ga=4, **sections), tiny(lora=lora), distinct_chars, ROWS)
+        init = _flat(_trained(local)[0])
     grads: list[torch.Tensor] = []
-    capture_grads(trainer.policy, trained, grads)
-    if trainer.value is not None:
-        capture_grads(trainer.value, list(trainer.value_model.trainable_parameters()), grads)
-    metrics = trainer.learn(traj, rewards)
-    with backend.gathered(trained):
-        after = torch.cat([p.detach().float().flatten().cpu() for p in trained])
-    result = {"ranks_prompts": [len(set(t.group_id.tolist())) for t, _ in parts]}
-    if backend.is_main:  # the same update in one process, on both ranks' completions
-        local = RLTrainer(make_config(None, out / "local", ga=4, **sections), tiny(), distinct_chars, ROWS)
-        local_grads: list[torch.Tensor] = []
-        capture_grads(local.policy, [p for p in local.model.parameters() if p.requires_grad], local_grads)
+    local_grads: list[torch.Tensor] = []
+    capture_all(trainer, grads)
+    if local is not None:
+        capture_grads(local.policy, _trained(local)[0], local_grads)
         if local.value is not None:
-            capture_grads(local.value, list(local.value_model.trainable_parameters()), local_grads)
+            capture_grads(local.value, _trained(local)[1], local_grads)
+    rounds = []
+    for _ in range(steps):
+        seen, local_seen = len(grads), len(local_grads)
+        traj, prompts, texts, columns = trainer.rollout(trainer._step_rows())
+        rewards, _ = trainer.score(prompts, texts, columns, traj)
+        parts = backend.all_gather_object((traj, rewards))
+        metrics = trainer.learn(traj, rewards)
+        trained = _trained(trainer)[0]
+        with backend.gathered(trained):
+            after = _flat(trained)
+        if local is None:
+            continue
         ref = local.learn(cat_trajectories([t for t, _ in parts]), torch.cat([r for _, r in parts]))
-        ref_after = torch.cat([p.detach().float().flatten() for p in local.model.parameters() if p.requires_grad])
-        result.update({
-            "grad_max_diff": [float((a - b).abs().max()) for a, b in zip(grads, local_grads)],
-            "grad_max_abs": [float(b.abs().max()) for b in local_grads],
-            "param_max_diff": float((after - ref_after).abs().max()),
-            "param_moved": float((ref_after - torch.cat([p.detach().flatten() for p in tiny().parameters()])).abs().max()),
-            "metrics": {k: [metrics[k], ref[k]] for k in ("loss", "grad_norm", "value/loss") if k in ref},
+        # this step's captures, policy then value on both sides (one joint capture or two)
+        ours, theirs = torch.cat(grads[seen:]), torch.cat(local_grads[local_seen:])
+        rounds.append({
+            "ranks_prompts": [len(set(t.group_id.tolist())) for t, _ in parts],
+            "grad_max_diff": float((ours - theirs).abs().max()),
+            "grad_max_abs": float(theirs.abs().max()),
+            "param_max_diff": float((after - _flat(_trained(local)[0])).abs().max()),
+            "param_moved": float((_flat(_trained(local)[0]) - init).abs().max()),
+            "metrics": {k: [metrics[k], ref[k]] for k in ref if k in metrics},
         })
-    return result
+    return {"rounds": rounds}
 
 
 # ---- scenarios ---------------------------------------------------------------------------------------------
@@ -154,6 +196,16 @@ def zero3_equivalence(out: Path) -> dict[str, Any]:
     ZeRO-3 engine)."""
     return equivalence(out, str(RECIPES / "zero3.json"),
                        algorithm={"use_value_model": True, "beta": 0.05, "loss_aggregation": "sequence-mean"})
+
+
+def zero2_lora_equivalence(out: Path) -> dict[str, Any]:
+    return equivalence(out, str(RECIPES / "zero2.json"), lora=True, steps=2, optimizer={"max_grad_norm": None},
+                       algorithm={"use_value_model": True, "beta": 0.05})
+
+
+def zero3_lora_equivalence(out: Path) -> dict[str, Any]:
+    return equivalence(out, str(RECIPES / "zero3.json"), lora=True, steps=2, optimizer={"max_grad_norm": None},
+                       algorithm={"use_value_model": True, "beta": 0.05})
 
 
 def _resume_pair(out: Path, ds: str, steps: int, save_at: int, model_fn: Callable, **sections) -> dict[str, Any]:
@@ -208,7 +260,7 @@ def zero3_offload(out: Path) -> dict[str, Any]:
     return {"full": history, "checksums": sums}
 
 
-SCENARIOS = {f.__name__: f for f in (zero2_equivalence, zero3_equivalence, zero3_resume, zero3_lora, zero2_lora,
+SCENARIOS = {f.__name__: f for f in (zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence, zero3_resume, zero3_lora, zero2_lora,
                                      zero3_offload)}
 
 
