@@ -84,10 +84,23 @@ def _from_files(files: list[str]) -> Any:
     if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
         raise UserError(f"data files {files}: use one format of {', '.join(FORMATS)}")
     builder = FORMATS[suffixes.pop()]
+    # CSV has no types: read every cell as the text it is, so a puzzle "0123..." keeps its leading zero
+    options = {"features": _text_features(files[0]), "keep_default_na": False} if builder == "csv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=[str(Path(f).resolve()) for f in files], split="train")
+        return datasets.load_dataset(builder, data_files=[str(Path(f).resolve()) for f in files], split="train",
+                                     **options)
     except Exception as exc:  # datasets raises many types for a malformed file; the user needs the file name
         raise UserError(f"data files {files}: could not be read as {builder} ({exc})") from exc
+
+
+def _text_features(csv_file: str) -> Any:
+    import csv
+
+    import datasets
+
+    with open(csv_file, newline="") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _from_name(name: str, config_name: str | None, split: str) -> Any:
