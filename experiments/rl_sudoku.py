@@ -51,6 +51,7 @@ def main():
     p.add_argument("--out", default="outputs/rl_runs.jsonl")
     p.add_argument("--tag", default="")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--print-every", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -99,7 +100,7 @@ def main():
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         hist.append(m)
-        if trainer.step % 5 == 0:
+        if trainer.step % a.print_every == 0:
             print(f"step {trainer.step} wall {wall:.0f} reward {m['reward']:.3f} std {m['reward_std']:.3f} "
                   f"rollout {m['perf/rollout_seconds']:.1f}s train {m['perf/train_seconds']:.1f}s", flush=True)
         if wall >= next_eval:

@@ -124,7 +124,9 @@ class EngineTrainable:
         return self.engine(fn)
 
     def zero_grad(self) -> None:
-        pass  # engine.step() clears the (partitioned) gradients itself; nothing accumulates between steps
+        """Nothing to do: engine.step() clears the gradients, and ZeRO-3 overwrites its partitioned gradient
+        buffers on the first backward after a step instead of zeroing them (so that first backward must reach
+        every trained parameter; see RLTrainer._joint_epoch)."""
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         """Accumulate; `boundary` marks the last backward before `step` (ZeRO finalises its reduction there).

@@ -5,14 +5,17 @@ the diffusion interface (masks, logit alignment, the sampler) is untouched.
     merged = merge_lora(model)                           # plain weights again, for `tracerl export`
 
 A checkpoint's `model/` directory then holds the adapter (adapter_config.json + adapter_model.safetensors, plus the
-value model's adapter under value/ when there is one); `load_lora(base, adapter_dir)` puts it back on a base model.
+value model's adapter under value/ when there is one); its base_model_name_or_path names the base model directory.
+`load_adapter(adapter_dir)` loads base + adapter (export, eval, continued training); `load_lora(model, dir)` puts
+an adapter on a model already loaded.
 """
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -63,7 +66,18 @@ def apply_lora(model: DiffusionLM, peft_section: PeftSection) -> DiffusionLM:
         model.backbone = get_peft_model(model.backbone, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise UserError(f"peft.target_modules: {exc}") from exc
+    base = _base_path(model.backbone.get_base_model())
+    if base:  # recorded in adapter_config.json, so a checkpoint's adapter finds its base model again
+        config.base_model_name_or_path = base
     return model
+
+
+def _base_path(backbone: nn.Module) -> str | None:
+    """Where the base weights were read from: the family loaders record `tracerl_source`, from_pretrained
+    `_name_or_path`."""
+    config = getattr(backbone, "config", None)
+    path = getattr(config, "tracerl_source", None) or getattr(config, "_name_or_path", None)
+    return str(path) if path and Path(str(path)).is_dir() else None
 
 
 def merge_lora(model: DiffusionLM) -> DiffusionLM:
@@ -91,6 +105,22 @@ def load_lora(model: DiffusionLM, adapter_dir: str | Path, trainable: bool = Fal
         raise UserError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     model.backbone = PeftModel.from_pretrained(model.backbone, str(adapter_dir), is_trainable=trainable)
     return model
+
+
+def load_adapter(adapter_dir: str | Path, base_path: str | None = None, **load_options: Any) -> DiffusionLM:
+    """Base model (adapter_config.json's base_model_name_or_path, or `base_path`) + the saved adapter, trainable.
+    load_options: as for tracerl.models.load_model (dtype, device, block_size, ...)."""
+    from tracerl.models import load_model
+
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise UserError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    base = base_path or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise UserError(f"{adapter_dir}: the adapter's base model {base!r} is not a local directory; name it "
+                        "explicitly (tracerl export --base DIR)")
+    model = load_model(str(base), **load_options)
+    return load_lora(model, adapter_dir, trainable=True)
 
 
 def load_adapter_weights(model: DiffusionLM, adapter_dir: Path) -> None:

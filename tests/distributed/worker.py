@@ -23,7 +23,7 @@ import torch
 
 from tracerl.config import AlgorithmConfig, DistributedConfig, OptimizerConfig, PeftSection, RLConfig, TrainerConfig
 from tracerl.distributed import make_backend
-from tracerl.models import build_tiny_model
+from tracerl.models import build_tiny_model, load_model
 from tracerl.peft_utils import apply_lora
 from tracerl.rollout import RolloutConfig, Trajectory
 from tracerl.trainer import RLTrainer
@@ -219,7 +219,14 @@ def _resume_pair(out: Path, ds: str, steps: int, save_at: int, model_fn: Callabl
     resumed_cfg.trainer.max_steps, resumed_cfg.trainer.resume_from_checkpoint = steps, str(ckpt)
     resumed, resumed_sums = run_with_checksums(RLTrainer(resumed_cfg, model_fn(), distinct_chars, ROWS,
                                                          backend=backend))
+    saved = None
+    if backend.is_main and not (ckpt / "model" / "adapter_config.json").exists():  # the exported HF weights
+        h = hashlib.sha256()
+        for _, p in sorted(load_model(str(ckpt / "model")).named_parameters()):
+            h.update(p.detach().float().numpy().tobytes())
+        saved = h.hexdigest()
     return {"full": full, "resumed": resumed, "checksums": sums, "resumed_checksums": resumed_sums,
+            "saved_model_checksum": saved,
             "checkpoint_files": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())}
 
 
@@ -232,6 +239,14 @@ def zero3_lora(out: Path) -> dict[str, Any]:
     """ZeRO-3 + LoRA policy + LoRA value adapter (one engine) + reference = adapter disabled; resume."""
     return _resume_pair(out, str(RECIPES / "zero3.json"), 2, 1, lambda: tiny(lora=True),
                         algorithm={"use_value_model": True, "beta": 0.05})
+
+
+def zero2(out: Path) -> dict[str, Any]:
+    """ZeRO-2, full fine-tuning, block diffusion, a KL reference (a plain copy on each rank)."""
+    backend = make_backend(DistributedConfig(deepspeed=str(RECIPES / "zero2.json")))
+    cfg = make_config(str(RECIPES / "zero2.json"), out, block=True, algorithm={"beta": 0.05})
+    history, sums = run_with_checksums(RLTrainer(cfg, tiny(block=True), distinct_chars, ROWS, backend=backend))
+    return {"full": history, "checksums": sums}
 
 
 def zero2_lora(out: Path) -> dict[str, Any]:
@@ -260,8 +275,18 @@ def zero3_offload(out: Path) -> dict[str, Any]:
     return {"full": history, "checksums": sums}
 
 
-SCENARIOS = {f.__name__: f for f in (zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence, zero3_resume, zero3_lora, zero2_lora,
-                                     zero3_offload)}
+def plain_data_parallel(out: Path) -> dict[str, Any]:
+    """The launcher without a JSON config: DeepSpeed stage 0 (plain data parallel)."""
+    backend = make_backend(DistributedConfig(deepspeed=None))
+    cfg = make_config(None, out, algorithm={"use_value_model": True})
+    history, sums = run_with_checksums(RLTrainer(cfg, tiny(), distinct_chars, ROWS, backend=backend))
+    return {"full": history, "checksums": sums}
+
+
+SCENARIOS = {f.__name__: f for f in (
+    zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence,
+    zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel,
+)}
 
 
 def main() -> None:
