@@ -100,6 +100,7 @@ def main():
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         hist.append(m)
+        dump({"step": trainer.step, **m}, out_dir / "metrics.jsonl")
         if trainer.step % a.print_every == 0:
             print(f"step {trainer.step} wall {wall:.0f} reward {m['reward']:.3f} std {m['reward_std']:.3f} "
                   f"rollout {m['perf/rollout_seconds']:.1f}s train {m['perf/train_seconds']:.1f}s", flush=True)

@@ -53,15 +53,17 @@ def tiny_dir(tmp_path_factory):
 def test_train_logs_wandb_offline_resumes_and_evaluates(tiny_dir, tmp_path):
     run = tmp_path / "run"
     common = ["recipes/cpu_quickstart.yaml", f"model.path={tiny_dir}", f"trainer.output_dir={run}",
-              "trainer.save_steps=2", "logging.report_to=[wandb]"]
+              "trainer.save_steps=2", "logging.report_to=[wandb]", "trainer.eval_steps=2", "data.max_eval_samples=8"]
     out = cli("train", *common, "trainer.max_steps=2")
     assert out.returncode == 0, out.stderr
     assert (run / "checkpoint-2" / "model" / "config.json").is_file()
     # the same command with resume=latest continues from step 2 to 4
     out = cli("train", *common, "trainer.max_steps=4", "trainer.resume_from_checkpoint=latest")
     assert out.returncode == 0, out.stderr
-    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
-    first = read_metrics(run / "metrics.jsonl")[0]
+    logged_rows = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in logged_rows] == [0, 1, 2, 3, 4]  # step 0: the held-out eval before training
+    assert [m["step"] for m in logged_rows if "eval/accuracy" in m] == [0, 2, 4]
+    first = logged_rows[1]
     for key in ("reward", "reward_std", "rewards/math/mean", "rewards/length/mean", "completions/mean_length",
                 "trajectory/steps_per_sequence", "perf/rollout_seconds", "clip_ratio", "entropy"):
         assert key in first, key

@@ -84,8 +84,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rows = load_rows(config.data, "train")  # data and rewards fail before the model loads
     rewards = build_rewards(config)
     backend = make_backend(config, args.local_rank)
+    eval_rows = load_rows(config.data, "eval") if config.trainer.eval_steps else None
     model = build_model(config.model, config.peft)
-    history = RLTrainer(config, model, rewards, rows, backend=backend).train()
+    history = RLTrainer(config, model, rewards, rows, backend=backend, eval_rows=eval_rows).train()
     if history and backend.is_main:
         last = history[-1]
         print(f"done: {len(history)} steps, last reward {last['reward']:.4f}; checkpoints in "

@@ -106,6 +106,7 @@ class TrainerConfig:
     save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
     save_total_limit: int | None = None  # keep at most N checkpoints (oldest deleted first)
     logging_steps: int = 1  # print a metrics line every N steps (metrics.jsonl gets every step)
+    eval_steps: int = 0  # evaluate the eval data every N steps, and before the first and after the last (0 = off)
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
 
 

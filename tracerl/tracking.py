@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 class MetricsLogger:
     def __init__(
@@ -49,7 +51,7 @@ class MetricsLogger:
         if step % self.logging_steps == 0:
             keys = ("reward", "reward_std", "loss", "kl", "clip_ratio", "completions/mean_length", "perf/step_seconds")
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
-            print(f"[step {step}] {shown}", file=sys.stderr, flush=True)
+            tqdm.write(f"[step {step}] {shown}", file=sys.stderr)  # keeps the progress bar intact
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         if self.is_main and self.wandb_run is not None:

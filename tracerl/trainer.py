@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tracerl import credit, losses
@@ -49,8 +50,10 @@ class RLTrainer:
         reward_fn: Callable[..., Any],
         train_rows: Sequence[dict[str, Any]],
         backend: Backend | None = None,
+        eval_rows: Sequence[dict[str, Any]] | None = None,
     ):
         self.config, self.model, self.reward_fn, self.rows = config, model, reward_fn, train_rows
+        self.eval_rows = eval_rows  # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
         self.backend = backend or LocalBackend()
         alg, tr = config.algorithm, config.trainer
         check_combination(config)
@@ -123,18 +126,48 @@ class RLTrainer:
         resume_if_asked(self)
         logger = MetricsLogger(tr.output_dir, log.report_to, config=asdict(self.config), project=log.project,
                                run_name=log.run_name, is_main=self.backend.is_main, logging_steps=tr.logging_steps)
+        bar = tqdm(total=tr.max_steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
+                   disable=not self.backend.is_main)
         history = []
         try:
+            if self._eval_due(at_start=True):
+                logger.log(self.step, self.evaluate_held_out())
             while self.step < tr.max_steps:
                 metrics = self.train_step()
+                if self._eval_due():
+                    metrics.update(self.evaluate_held_out())
                 history.append(metrics)
                 logger.log(self.step, metrics)
+                if self.step % max(tr.logging_steps, 1) == 0:
+                    logger.log_table("completions", *self._sample_table(), step=self.step)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{metrics['perf/step_seconds']:.1f}")
                 if tr.save_steps and self.step % tr.save_steps == 0 and self.step < tr.max_steps:
                     save_checkpoint(self)
             save_checkpoint(self)
         finally:
+            bar.close()
             logger.finish()
         return history
+
+    def _eval_due(self, at_start: bool = False) -> bool:
+        every = self.config.trainer.eval_steps
+        if not (self.eval_rows and every):
+            return False
+        return self.step == 0 if at_start else self.step % every == 0 or self.step == self.config.trainer.max_steps
+
+    def evaluate_held_out(self) -> dict[str, float]:
+        """Held-out reward and accuracy of the current policy (greedy by default: config.eval), as eval/*."""
+        from tracerl.evaluate import evaluate
+
+        with self.backend.generation(self.policy):
+            summary, _ = evaluate(self.model, list(self.eval_rows), self.reward_fn, self.config)
+        return {f"eval/{k}": v for k, v in summary.items()}
+
+    def _sample_table(self) -> tuple[list[str], list[list[Any]]]:
+        """A few of the last step's completions with their reward and unmask order, for W&B."""
+        last = getattr(self, "_last_samples", None) or []
+        return ["prompt", "completion", "reward", "unmask_order"], last
 
     def train_step(self) -> dict[str, float]:
         """One RL step; returns its metrics over all ranks (TRL's names where they exist)."""
@@ -142,6 +175,8 @@ class RLTrainer:
         traj, prompts, texts, columns = self.rollout(self._step_rows())
         t_rollout = time.perf_counter() - t0
         rewards, reward_metrics = self.score(prompts, texts, columns, traj)
+        self._last_samples = [[str(prompts[i]), texts[i], float(rewards[i]), traj.unmask_step[i].tolist()]
+                              for i in range(min(4, len(texts)))]
         t1 = time.perf_counter()
         learned = self.learn(traj, rewards)
         steps = traj.steps_per_sequence().float()
