@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from tracerl.tasks import keys_in, write_rows
 
-PROMPT_TEMPLATE = "Countdown: use {nums} to make {target}\nEquation: "
+# Short: every prompt character is a token each denoising forward pays for (character tokenizer).
+PROMPT_TEMPLATE = "Countdown: {nums} -> {target}\n"
 OPS = "+-*/"
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
