@@ -46,8 +46,8 @@ def main() -> None:
           f"held-out accuracy before training: {accuracy(model, held_out):.1%}", flush=True)
     cfg = SFTConfig(sft=SFTSection(max_completion_length=4), optimizer=OptimizerConfig(learning_rate=2e-3,
                     lr_scheduler_type="cosine", warmup_ratio=0.05),
-                    trainer=TrainerConfig(max_steps=600, per_device_train_batch_size=64, output_dir=str(out / "sft"),
-                                          logging_steps=100))
+                    trainer=TrainerConfig(max_steps=2000, per_device_train_batch_size=64, output_dir=str(out / "sft"),
+                                          logging_steps=250))
     start = time.perf_counter()
     train_sft(model, train, cfg)
     print(f"[demo] masked-diffusion SFT: {time.perf_counter() - start:.0f} s; held-out accuracy after: "
