@@ -103,3 +103,24 @@ def test_user_mistakes_exit_2(args, message):
     out = cli(*args)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lora_checkpoint_exports_to_a_full_model(tiny_dir, tmp_path):
+    import torch
+
+    from tracerl.build import build_model
+    from tracerl.config import ModelConfig
+    from tracerl.models import load_model
+
+    run = tmp_path / "run"
+    out = cli("train", "recipes/cpu_quickstart.yaml", f"model.path={tiny_dir}", "trainer.max_steps=1",
+              f"trainer.output_dir={run}", "peft.r=4", "optimizer.learning_rate=0.05")
+    assert out.returncode == 0, out.stderr
+    assert (run / "checkpoint-1" / "model" / "adapter_config.json").is_file()
+    out = cli("export", str(run / "checkpoint-1"), "--output", str(tmp_path / "merged"))
+    assert out.returncode == 0, out.stderr
+    merged = load_model(str(tmp_path / "merged"))
+    adapted = build_model(ModelConfig(), path=str(run / "checkpoint-1"))  # base + adapter, unmerged
+    ids = torch.tensor([[10, 11, 12, 13]])
+    torch.testing.assert_close(merged.logits(ids), adapted.logits(ids), atol=1e-4, rtol=1e-4)
+    assert (merged.logits(ids) - load_model(str(tiny_dir)).logits(ids)).abs().max() > 1e-5  # training moved it
