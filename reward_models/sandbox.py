@@ -43,7 +43,10 @@ class SandboxConfig:
 
     timeout_s: float = 5.0  # wall clock per test case
     total_timeout_s: float | None = None  # wall clock per program; None: timeout_s * cases + 2, at most 120
-    cpu_s: float | None = None  # CPU seconds per test case (RLIMIT_CPU); None: timeout_s
+    # CPU seconds per test case (RLIMIT_CPU). None: timeout_s + 1, so a busy loop always ends as "timeout" on the
+    # wall clock (equal limits raced: SIGXCPU could win and report "killed"); the CPU limit is the backstop for
+    # programs that burn several cores at once.
+    cpu_s: float | None = None
     memory_mb: int = 1024  # address space per process (RLIMIT_AS) and RAM of the whole run (memory cgroup)
     file_size_mb: int = 16  # largest file a program may write (RLIMIT_FSIZE)
     disk_mb: int = 64  # size of the tmpfs work directory (with a mount namespace)
@@ -152,7 +155,7 @@ def _job(program: Program, config: SandboxConfig) -> dict:
         "preload": sorted(set(config.preload) | set(program.preload) | set(stdlib_imports(*code))),
         "limits": {
             "case_timeout_s": config.timeout_s,
-            "cpu_s": config.cpu_s or config.timeout_s,
+            "cpu_s": config.cpu_s or config.timeout_s + 1.0,
             "memory_bytes": config.memory_mb * mib,
             "file_bytes": config.file_size_mb * mib,
             "max_output_bytes": config.max_output_kb * 1024,

@@ -93,3 +93,18 @@ def test_countdown_held_out_split_does_not_overlap(tmp_path):
                     "--exclude", str(train)])
     keys = {countdown.problem_key(r) for r in read_rows(train)}
     assert not keys & {countdown.problem_key(r) for r in read_rows(test)}
+
+
+def test_solved_reward_is_all_or_nothing(puzzles):
+    reward = load_reward("tracerl.tasks.sudoku:solved_reward")
+    row = puzzles[1]
+
+    def changed(i):
+        return row["solution"][:i] + str(int(row["solution"][i]) % 4 + 1) + row["solution"][i + 1:]
+
+    blank = row["puzzle"].index("0")
+    given = next(i for i, d in enumerate(row["puzzle"]) if d != "0")
+    texts = [row["solution"], changed(blank), changed(given), "no digits", row["puzzle"]]
+    cols = {"puzzle": [row["puzzle"]] * 5, "solution": [row["solution"]] * 5}
+    # a wrong *given* cell is not scored (the built-in reward's rule); a wrong blank fails the whole grid
+    assert reward(None, texts, **cols) == [1.0, 0.0, 1.0, 0.0, 0.0]
