@@ -1,14 +1,17 @@
 """Policy-gradient estimators for diffusion LMs, head to head on 4x4 Sudoku from one SFT start model.
 
-    python benchmarks/compare_estimators.py --start outputs/sudoku_start/final          # the full comparison
-    python benchmarks/compare_estimators.py --quick                                      # smoke run, ~2 minutes
+    python -m tracerl.demo                                    # makes the start model outputs/sudoku/sft/final
+    python benchmarks/compare_estimators.py --jobs 2          # the README's comparison: 5 x 3 runs, ~40 min on 2 cores
+    python benchmarks/compare_estimators.py --quick           # smoke run, ~2 minutes
 
+The setting is recipes/sudoku_tracerl.yaml's: 4 denoising steps for 16 cells, temperature 1, the all-or-nothing
+`solved` reward, 32 puzzles x 8 completions per RL step, learning rate 2e-4, the shipped train / held-out files.
 Every run starts from the same checkpoint, sees the same prompts in the same order (trainer.seed), spends the same
 rollouts per RL step, and stops at the same compute budget; only `algorithm` differs:
 
   trace_s1        TraceRL: one training row per denoising step (every state the sampler visited)
-  trace_s4        TraceRL with step shrinkage s=4: 4 consecutive steps merged into one row (4x fewer forwards)
-  trace_value     TraceRL s=4 with the diffusion value model (step-level GAE instead of group baselines)
+  trace_s2        TraceRL with step shrinkage s=2: 2 consecutive steps merged into one row (half the forwards)
+  trace_value     TraceRL s=1 with the diffusion value model (step-level GAE, lambda 0.5, instead of group baselines)
   random_masking  d1 / diffu-GRPO: the completion re-masked at a random ratio, prompt tokens masked w.p. 0.15
   coupled         DiffuCoder: a random mask and its complement (two rows per completion)
 
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,23 +40,24 @@ from tracerl.models import DiffusionLM, build_tiny_model, load_model
 from tracerl.rollout import RolloutConfig, generate
 from tracerl.rollout.display import completions
 from tracerl.sft import train_sft
-from tracerl.tasks import apply_template, sudoku
+from tracerl.tasks import apply_template, read_rows, sudoku
 from tracerl.trainer import RLTrainer
 
 ESTIMATORS: dict[str, dict[str, Any]] = {
     "trace_s1": {"estimator": "trace", "shrink": 1},
-    "trace_s4": {"estimator": "trace", "shrink": 4},
-    "trace_value": {"estimator": "trace", "shrink": 4, "use_value_model": True},
+    "trace_s2": {"estimator": "trace", "shrink": 2},
+    "trace_value": {"estimator": "trace", "shrink": 1, "use_value_model": True, "lam": 0.5,
+                    "value_learning_rate": 1e-3},
     "random_masking": {"estimator": "random_masking", "p_mask_prompt": 0.15},
     "coupled": {"estimator": "coupled"},
 }
 RESPONSE = 16  # the 16-digit solution; no EOS needed
 
 
-def sudoku_data(n_train: int, n_test: int, blanks: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train and held-out puzzles (disjoint), with prompts."""
-    train = sudoku.generate(n_train, blanks, seed)
-    test = sudoku.generate(n_test, blanks, seed + 1000, exclude={r["puzzle"] for r in train})
+def sudoku_data(n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    """The recipe's train and held-out files (disjoint), first n rows of each, with prompts."""
+    train = read_rows("recipes/data/sudoku_train.jsonl")[:n_train]
+    test = read_rows("recipes/data/sudoku_test.jsonl")[:n_test]
     return apply_template(train, sudoku.PROMPT_TEMPLATE), apply_template(test, sudoku.PROMPT_TEMPLATE)
 
 
@@ -93,11 +99,15 @@ def rl_config(args: argparse.Namespace, algorithm: dict[str, Any], seed: int, ou
 
 
 def run_one(args: argparse.Namespace, name: str, seed: int, train: list[dict], test: list[dict],
-            clock: Callable[[], float]) -> dict[str, Any]:
-    """One RL run under the budget; returns its accuracy curve [(seconds, step, rollouts, scores)]."""
+            clock_name: str) -> dict[str, Any]:
+    """One RL run under the budget (in a worker process); returns its accuracy curve
+    [(seconds, step, rollouts, scores)]."""
+    clock: Callable[[], float] = time.process_time if clock_name == "cpu" else time.perf_counter
     out = Path(args.out) / "runs" / f"{name}_seed{seed}"
-    model = load_model(args.start)
-    trainer = RLTrainer(rl_config(args, ESTIMATORS[name], seed, out), model, load_reward("sudoku"), train)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.start).to(args.device)
+    torch.set_num_threads(args.threads)
+    trainer = RLTrainer(rl_config(args, ESTIMATORS[name], seed, out), model, sudoku.solved_reward, train)
     per_step = args.num_generations * args.prompts_per_step
     curve = [{"seconds": 0.0, "step": 0, "rollouts": 0, **evaluate(model, test, args.rollout_steps)}]
     spent = 0.0
@@ -110,7 +120,9 @@ def run_one(args: argparse.Namespace, name: str, seed: int, train: list[dict], t
                           "train_reward": metrics["reward"], **evaluate(model, test, args.rollout_steps)})
             print(f"  {name} seed {seed}: step {trainer.step} {spent:.0f}s solve {curve[-1]['solve_rate']:.3f} "
                   f"cell {curve[-1]['cell_accuracy']:.3f}", flush=True)
-    return {"estimator": name, "seed": seed, "curve": curve}
+    result = {"estimator": name, "seed": seed, "curve": curve}
+    (out / "result.json").write_text(json.dumps(result))  # kept even if a later run fails
+    return result
 
 
 def value_at(curve: list[dict], key: str, limit: float, metric: str) -> float:
@@ -168,23 +180,25 @@ def plot(results: list[dict], path: Path, clock: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--start", help="SFT checkpoint directory (required unless --quick)")
+    p.add_argument("--start", default="outputs/sudoku/sft/final", help="SFT checkpoint directory (the demo's)")
     p.add_argument("--out", default="outputs/compare_estimators")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--budget", type=float, default=180.0, help="RL seconds per run (see --clock)")
+    p.add_argument("--budget", type=float, default=240.0, help="RL seconds per run (see --clock)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=5, help="RL steps between held-out evaluations")
-    p.add_argument("--blanks", type=int, default=6)
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where each run's model lives")
+    p.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evaluations")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=512)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--rollout-steps", type=int, default=16)
+    p.add_argument("--prompts-per-step", type=int, default=32)
+    p.add_argument("--rollout-steps", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, budget and model")
+    p.add_argument("--summarize", action="store_true", help="only rebuild the table and plot from --out/runs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -192,19 +206,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.n_train, args.n_test, args.budget, args.eval_every = 64, 32, 6.0, 2
         args.seeds, args.prompts_per_step, args.num_generations = args.seeds[:1], 2, 4
-    train, test = sudoku_data(args.n_train, args.n_test, args.blanks)
-    if args.start is None:
-        if not args.quick:
-            p.error("--start is required (or --quick)")
+    jobs = [(name, seed) for seed in args.seeds for name in args.estimators]
+    if args.summarize:
+        found = [out / "runs" / f"{name}_seed{seed}" / "result.json" for name, seed in jobs]
+        return report([json.loads(f.read_text()) for f in found if f.exists()], args, out)
+    train, test = sudoku_data(args.n_train, args.n_test)
+    if args.quick and args.start == p.get_default("start"):
         args.start = str(quick_start_model(train, out / "quick_sft"))
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if not Path(args.start).is_dir():
+        p.error(f"--start {args.start}: no such checkpoint directory (run `python -m tracerl.demo` first)")
     results = []
-    with (out / "results.jsonl").open("w") as f:
-        for seed in args.seeds:
-            for name in args.estimators:
-                results.append(run_one(args, name, seed, train, test, clock))
-                f.write(json.dumps({**results[-1], "config": {k: v for k, v in vars(args).items()}}) + "\n")
-                f.flush()
+    with (out / "results.jsonl").open("w") as f, ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, args, name, seed, train, test, args.clock) for name, seed in jobs]
+        for future in futures:  # in submission order, so the file and table are ordered however the runs finish
+            results.append(future.result())
+            f.write(json.dumps({**results[-1], "config": {k: v for k, v in vars(args).items()}}) + "\n")
+            f.flush()
+    report(results, args, out)
+
+
+def report(results: list[dict], args: argparse.Namespace, out: Path) -> None:
     table = summarize(results, args.budget)
     (out / "results.md").write_text(table)
     plot(results, out / "accuracy_vs_time.png", args.clock)

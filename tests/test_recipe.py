@@ -28,6 +28,14 @@ def test_yaml_and_overrides_build_typed_sections(tmp_path):
     assert cfg.data.train_files == ["a.jsonl", "b.jsonl"] and cfg.algorithm.epsilon_high is None
 
 
+def test_a_single_file_needs_no_brackets(tmp_path):
+    # the README's held-out override: data.eval_files=other.csv is the one-file list [other.csv]
+    cfg = load_config(write(tmp_path, {"data": {"eval_files": ["a.jsonl"]}}), ["data.eval_files=other.csv"])
+    assert cfg.data.eval_files == ["other.csv"]
+    with pytest.raises(UserError, match="trainer.max_steps: expected an integer"):  # only str lists take a bare str
+        load_config(write(tmp_path, {}), ["trainer.max_steps=[3]"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("trainer.max_step=3", "trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
     ("algorithim.beta=0.1", "algorithim: unknown key (did you mean algorithm?)"),

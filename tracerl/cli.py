@@ -10,7 +10,7 @@ from tracerl.errors import UserError
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="denoise a completion for a prompt with a diffusion LM")
-    p.add_argument("--model", required=True, help="local checkpoint directory")
+    p.add_argument("--model", required=True, help="model directory, TraceRL checkpoint (checkpoint-N) or LoRA adapter directory")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat-template", action="store_true", help="format the prompt with the tokenizer's chat template")
     p.add_argument("--max-completion-length", type=int, default=64)
@@ -34,7 +34,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from tracerl.models import load_model
+    from tracerl.build import build_model
+    from tracerl.config import ModelConfig
     from tracerl.models.prompting import format_prompt
     from tracerl.rollout import RolloutConfig, generate
     from tracerl.rollout.display import completions, format_unmask_order
@@ -52,7 +53,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     config.validate()  # before the model loads: a bad flag should not cost a checkpoint load
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    # a model directory, a TraceRL checkpoint (checkpoint-N/) or a LoRA adapter directory, as `tracerl eval` takes
+    model = build_model(ModelConfig(dtype=args.dtype, device=args.device), path=args.model)
     text = format_prompt(model.tokenizer, args.prompt, use_chat_template=args.chat_template)
     prompt_ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     traj = generate(model, [prompt_ids], config)

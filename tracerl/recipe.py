@@ -111,6 +111,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]  # data.eval_files=other.csv means [other.csv]: a one-file list needs no brackets
         if not isinstance(value, list):
             raise UserError(f"{path}: expected a list, got {value!r}")
         return [convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]

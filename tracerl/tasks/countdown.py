@@ -109,8 +109,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: from the file suffix")
     p.add_argument("--exclude", nargs="*", default=[], help="files whose problems must not be repeated")
     args = p.parse_args(argv)
-    rows = generate(args.n, args.seed, tuple(args.counts), args.max_num, args.max_target,
-                    keys_in(args.exclude, problem_key))
+    try:
+        rows = generate(args.n, args.seed, tuple(args.counts), args.max_num, args.max_target,
+                        keys_in(args.exclude, problem_key))
+    except ValueError as exc:  # too few distinct problems for these limits: say so, exit 2, write nothing
+        p.error(f"{exc}; raise --max-num / --max-target or lower --n")
     path = write_rows(rows, args.out, args.format)
     print(f"wrote {len(rows)} problems (seed {args.seed}) to {path}")
 
