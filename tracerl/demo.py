@@ -70,15 +70,15 @@ def print_table(before: dict, after: list[dict], n_eval: int) -> None:
     """Before/after per decoder; with several seeds, `after` is their mean and (min..max) spread."""
     print(f"\nHeld-out 4x4 Sudoku, {n_eval} puzzles, greedy decoding"
           + (f", RL mean of {len(after)} seeds (min..max)" if len(after) > 1 else ""))
-    head = f"{'decoder':<22}{'':<8}{'cell acc':>18}{'full solve':>18}{'mean steps':>14}"
+    head = f"{'decoder':<22}{'':<8}{'cell acc':>24}{'full solve':>24}{'mean steps':>12}"
     print(head + "\n" + "-" * len(head))
     for label, _ in DECODERS:
         b = before[label]
-        print(f"{label:<22}{'start':<8}{b['cells']:>18.3f}{b['solved']:>18.3f}{b['steps']:>14.2f}")
+        print(f"{label:<22}{'start':<8}{b['cells']:>24.3f}{b['solved']:>24.3f}{b['steps']:>12.2f}")
         cells = [a[label]["cells"] for a in after]
         solved = [a[label]["solved"] for a in after]
         steps = [a[label]["steps"] for a in after]
-        print(f"{'':<22}{'TraceRL':<8}{_spread(cells):>18}{_spread(solved):>18}{statistics.mean(steps):>14.2f}")
+        print(f"{'':<22}{'TraceRL':<8}{_spread(cells):>24}{_spread(solved):>24}{statistics.mean(steps):>12.2f}")
     gains = [a[DECODERS[0][0]]["solved"] - before[DECODERS[0][0]]["solved"] for a in after]
     print(f"\nfull-solve gain with the trained decoder: {100 * statistics.mean(gains):+.1f} points"
           + (f" (per seed: {', '.join(f'{100 * g:+.1f}' for g in gains)})" if len(gains) > 1 else ""))
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = root / f"rl_seed{seed}"
         print(f"\n== 3. TraceRL (seed {seed}); held-out accuracy every 25 steps goes to {run_dir}/metrics.jsonl")
         if not (a.reuse_runs and list(run_dir.glob("checkpoint-*"))):
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # it is appended to: a rerun must not mix runs
             tracerl("train", RL_RECIPE, f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", *rl_paths,
                     *a.overrides)
         runs[seed] = eval_curve(run_dir)
