@@ -32,6 +32,8 @@ def test_a_single_file_needs_no_brackets(tmp_path):
     # the README's held-out override: data.eval_files=other.csv is the one-file list [other.csv]
     cfg = load_config(write(tmp_path, {"data": {"eval_files": ["a.jsonl"]}}), ["data.eval_files=other.csv"])
     assert cfg.data.eval_files == ["other.csv"]
+    cfg = load_config(write(tmp_path, {}), ["peft.target_modules=all-linear"])  # list[str] | str stays a str
+    assert cfg.peft.target_modules == "all-linear"
     with pytest.raises(UserError, match="trainer.max_steps: expected an integer"):  # only str lists take a bare str
         load_config(write(tmp_path, {}), ["trainer.max_steps=[3]"])
 

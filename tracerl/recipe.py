@@ -101,6 +101,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if isinstance(value, str) and str in args:  # `list[str] | str` keeps a string a string ("all-linear")
+            return value
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
