@@ -1,6 +1,6 @@
 """The README's main job (`make demo`): TraceRL teaches a tiny diffusion LM 4x4 Sudoku on this CPU.
 
-    python -m tracerl.demo                    # one RL seed, about 10 minutes on 2 cores
+    python -m tracerl.demo                    # one RL seed, about 6 minutes on 2 cores
     python -m tracerl.demo --seeds 0 1 2      # the README's 3-seed numbers (mean and spread)
 
 Steps, each the command a user would type (printed as it runs):
@@ -37,8 +37,9 @@ def tracerl(*args: str) -> None:
     """Run one `tracerl` command in a child process, as the README shows it; stop the demo if it fails."""
     print(f"\n$ tracerl {' '.join(args)}", flush=True)
     done = subprocess.run([sys.executable, "-m", "tracerl", *args])
-    if done.returncode:
-        raise SystemExit(f"demo: `tracerl {' '.join(args)}` failed with exit code {done.returncode}")
+    if done.returncode:  # the child already said why; pass its exit code on (2 = a user error)
+        print(f"demo: `tracerl {' '.join(args)}` failed with exit code {done.returncode}", file=sys.stderr)
+        raise SystemExit(done.returncode)
 
 
 def evaluate_checkpoint(checkpoint: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
@@ -53,8 +54,8 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str]) -> dict[str, dic
     rows, rewards = load_rows(config.data, "eval"), build_rewards(config)
     model = build_model(config.model, None, path=str(checkpoint))
     scores = {}
-    for label, overrides in DECODERS:
-        cfg = replace(config, rollout=replace(config.rollout, **overrides))
+    for label, decoder in DECODERS:
+        cfg = replace(config, rollout=replace(config.rollout, **decoder))
         summary, _ = evaluate(model, rows, rewards, cfg)
         scores[label] = {"cells": summary["rewards/cells/mean"], "solved": summary["accuracy"],
                          "steps": summary["mean_steps"]}
