@@ -123,7 +123,8 @@ def plot_curves(runs: dict[int, list[dict[str, Any]]], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tracerl.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="RL seeds (one run each, same start model)")
     p.add_argument("--out", type=Path, default=ROOT, help="where everything goes")
     p.add_argument("--reuse-start", action="store_true", help="keep an existing OUT/sft/final instead of retraining")
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse-runs", action="store_true", help="keep RL runs that already have a checkpoint")
     p.add_argument("overrides", nargs="*", help="extra overrides for the RL recipe, e.g. trainer.max_steps=100")
     a = p.parse_args(argv)
+    if not Path(RL_RECIPE).is_file():  # recipes and shipped data are named relative to the repository root
+        p.error(f"{RL_RECIPE} not found: run the demo from the repository root (where `make demo` runs it)")
     t0 = time.perf_counter()
     root, start = a.out, a.out / "sft" / "final"
     moved = a.out != ROOT  # recipes write under outputs/sudoku; elsewhere, say so on every command
