@@ -23,7 +23,8 @@ from tracerl.tasks import apply_template, read_rows, sudoku
 def solved(model, rows: list[dict], config: RolloutConfig) -> list[bool]:
     ids = [model.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
     texts = completions(generate(model, ids, config), model.tokenizer)
-    cells = load_reward("sudoku")(None, texts, puzzle=[r["puzzle"] for r in rows], solution=[r["solution"] for r in rows])
+    columns = {"puzzle": [r["puzzle"] for r in rows], "solution": [r["solution"] for r in rows]}
+    cells = load_reward("sudoku")(None, texts, **columns)
     return [c == 1.0 for c in cells]
 
 

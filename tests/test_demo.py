@@ -30,7 +30,8 @@ def test_demo_pipeline_writes_table_plot_and_results(tmp_path, monkeypatch, caps
 
     # the README's trajectory picture, drawn straight from an RL checkpoint directory
     png = tmp_path / "trajectory.png"
-    done = subprocess.run([sys.executable, "-m", "tracerl", "generate", "--model", str(out / "rl_seed0" / "checkpoint-2"),
+    checkpoint = out / "rl_seed0" / "checkpoint-2"
+    done = subprocess.run([sys.executable, "-m", "tracerl", "generate", "--model", str(checkpoint),
                            "--prompt", "Sudoku: 1003201001320241\n", "--max-completion-length", "16", "--steps", "4",
                            "--temperature", "0", "--show-trajectory", "--plot", str(png)],
                           capture_output=True, text=True, timeout=300)

@@ -10,7 +10,8 @@ from tracerl.errors import UserError
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="denoise a completion for a prompt with a diffusion LM")
-    p.add_argument("--model", required=True, help="model directory, TraceRL checkpoint (checkpoint-N) or LoRA adapter directory")
+    p.add_argument("--model", required=True,
+                   help="model directory, TraceRL checkpoint (checkpoint-N) or LoRA adapter directory")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat-template", action="store_true", help="format the prompt with the tokenizer's chat template")
     p.add_argument("--max-completion-length", type=int, default=64)
