@@ -92,6 +92,23 @@ def test_resume_equals_uninterrupted_run(tmp_path, value):
     assert [row["step"] for row in logged] == [1, 2, 3, 4]
 
 
+def test_metrics_file_holds_one_run(tmp_path):
+    config = make_config(tmp_path, False, trainer={"max_steps": 2, "save_steps": 1})
+    RLTrainer(config, tiny(False), distinct_chars, ROWS).train()
+    run = tmp_path / "run"
+    # a crash after step 2 would leave rows the resumed run redoes; so does a row cut short
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward": 9.0}\n{"step": 4, "rew')
+    resumed = make_config(tmp_path, False, trainer={"max_steps": 3, "resume_from_checkpoint": str(run / "checkpoint-1")})
+    RLTrainer(resumed, tiny(False), distinct_chars, ROWS).train()
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]  # 2 and 3 redone, not doubled
+    assert read_metrics(run / "metrics.jsonl")[-1]["reward"] != 9.0
+    # a fresh run into the same directory starts its own file; the old one is kept beside it
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1]
+    assert [m["step"] for m in read_metrics(run / "metrics.prev-1.jsonl")] == [1, 2, 3]
+
+
 def test_lora_reference_is_the_adapter_disabled(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -154,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = root / f"rl_seed{seed}"
         print(f"\n== 3. TraceRL (seed {seed}); held-out accuracy every 25 steps goes to {run_dir}/metrics.jsonl")
         if not (a.reuse_runs and list(run_dir.glob("checkpoint-*"))):
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # it is appended to: a rerun must not mix runs
             tracerl("train", RL_RECIPE, f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", *rl_paths,
                     *a.overrides)
         runs[seed] = eval_curve(run_dir)

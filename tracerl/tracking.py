@@ -22,7 +22,9 @@ class MetricsLogger:
         run_name: str | None = None,
         is_main: bool = True,
         logging_steps: int = 1,
+        start_step: int = 0,
     ):
+        """start_step: the step the run starts from (a resumed run's checkpoint step; 0 = a fresh run)."""
         self.is_main = is_main
         self.logging_steps = max(1, logging_steps)
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -30,6 +32,8 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._adopt_existing(start_step)
         if "wandb" in (report_to or []):
             import wandb
 
@@ -39,6 +43,25 @@ class MetricsLogger:
                 config=config or {},
                 dir=str(Path(output_dir)),
             )
+
+    def _adopt_existing(self, start_step: int) -> None:
+        """metrics.jsonl is appended to. A fresh run moves an old file aside (metrics.prev-N.jsonl), so two runs never
+        mix in one file; a resumed run keeps the rows up to its checkpoint and drops the later ones it will redo."""
+        if start_step == 0:
+            n = 1
+            while (aside := self.path.with_name(f"metrics.prev-{n}.jsonl")).exists():
+                n += 1
+            self.path.rename(aside)
+            print(f"[metrics] a new run: the previous {self.path.name} moved to {aside.name}", flush=True)
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        self.path.write_text("".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:

@@ -125,7 +125,8 @@ class RLTrainer:
         tr, log = self.config.trainer, self.config.logging
         resume_if_asked(self)
         logger = MetricsLogger(tr.output_dir, log.report_to, config=asdict(self.config), project=log.project,
-                               run_name=log.run_name, is_main=self.backend.is_main, logging_steps=tr.logging_steps)
+                               run_name=log.run_name, is_main=self.backend.is_main, logging_steps=tr.logging_steps,
+                               start_step=self.step)
         bar = tqdm(total=tr.max_steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
                    disable=not self.backend.is_main)
         history = []
