@@ -1,11 +1,15 @@
 """Cost of one RL update on CPU: forwards per response and seconds per step for each estimator, and the achieved
 FLOP/s of the train step against this machine's own matmul FLOP/s, measured in the same run.
 
-    python benchmarks/train_step.py [--threads 2] [--completions 4] [--length 32]
+    python benchmarks/train_step.py [--threads 2] [--completions 4] [--length 32] [--old-logprobs-only]
 
 One random ~26M-parameter model (hidden 512, 8 layers) per attention kind. Rollouts use one token per step (the
 worst case for TraceRL: steps = length), so full-attention TraceRL at s = 1 replays every step.
 Achieved FLOP/s counts 6 * parameters * tokens through the network (forward + backward) for the update phase.
+
+A second table times the default configuration (old_logprobs: recompute, one PPO iteration) with the old
+log-probs from a separate no-grad forward over every replay row (how TraceRL did it before) and taken from the
+gradient pass, which computes the same numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from tracerl.config import AlgorithmConfig, OptimizerConfig, RLConfig, TrainerConfig
 from tracerl.models import build_tiny_model
 from tracerl.rollout import RolloutConfig
-from tracerl.trainer import RLTrainer
+from tracerl.trainer import RLTrainer, _has_dropout as _reuses
 
 
 def matmul_flops(seconds: float = 3.0, n: int = 1024) -> float:
@@ -35,7 +39,7 @@ def reward(prompts, completions, **kwargs):
     return [len(set(c)) / 10 for c in completions]
 
 
-def measure(block: bool, estimator: str, shrink: int, args) -> dict[str, float]:
+def measure(block: bool, estimator: str, shrink: int, args, separate_old: bool = False) -> dict[str, float]:
     model = build_tiny_model("qwen3" if block else "llama", block_size=4 if block else None, hidden_size=512,
                              num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1408, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
@@ -49,6 +53,9 @@ def measure(block: bool, estimator: str, shrink: int, args) -> dict[str, float]:
     )
     rows = [{"prompt": "Fill the grid: 1 _ 3 _ / _ 4 _ 2"}]
     trainer = RLTrainer(cfg, model, reward, rows)
+    import tracerl.trainer
+
+    tracerl.trainer._has_dropout = (lambda m: True) if separate_old else _reuses  # True: the separate forward
     trainer.train_step()  # warm-up step (allocations, first-call overheads)
     flops = {"total": 0.0, "active": False}
     for name in ("logits", "logits_packed"):  # every replay forward goes through one of these two
@@ -79,13 +86,30 @@ def measure(block: bool, estimator: str, shrink: int, args) -> dict[str, float]:
     }
 
 
+def compare_old_logprobs(args) -> None:
+    print("| model | old log-probs | train s / step | RL step s | train speed-up |")
+    print("|---|---|---|---|---|")
+    for block, name in ((False, "full attention s=1"), (True, "block diffusion (packed) s=1")):
+        before = min((measure(block, "trace", 1, args, separate_old=True) for _ in range(2)),
+                     key=lambda r: r["train_seconds"])
+        after = min((measure(block, "trace", 1, args) for _ in range(2)), key=lambda r: r["train_seconds"])
+        print(f"| {name} | separate forward (before) | {before['train_seconds']:.2f} | {before['step_seconds']:.2f} | "
+              "1.00x |")
+        print(f"| {name} | from the gradient pass | {after['train_seconds']:.2f} | {after['step_seconds']:.2f} | "
+              f"{before['train_seconds'] / after['train_seconds']:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--completions", type=int, default=4)
     parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--old-logprobs-only", action="store_true", help="only the before/after old log-probs table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.old_logprobs_only:
+        compare_old_logprobs(args)
+        return
     peak = matmul_flops()
     print(f"machine matmul: {peak / 1e9:.1f} GFLOP/s fp32 ({args.threads} threads)")
     print("| estimator | forwards / response | train s / step | RL step s | achieved GFLOP/s | share of matmul |")
@@ -98,6 +122,8 @@ def main() -> None:
         r = measure(block, estimator, shrink, args)
         print(f"| {name} | {r['forwards']:.1f} | {r['train_seconds']:.2f} | {r['step_seconds']:.2f} | "
               f"{r['flops'] / 1e9:.1f} | {r['flops'] / peak:.0%} |", flush=True)
+    print()
+    compare_old_logprobs(args)
 
 
 if __name__ == "__main__":

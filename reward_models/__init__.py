@@ -10,7 +10,7 @@ See docs/rewards.md.
 """
 from .combine import RewardResult, RewardSet
 from .loader import BUILTINS, RewardSpec, load_reward, parse_spec
-from .protocol import RewardError, RewardSpecError, completion_text
+from .protocol import ProcessReward, RewardError, RewardSpecError, completion_text
 
-__all__ = ["BUILTINS", "RewardError", "RewardResult", "RewardSet", "RewardSpec", "RewardSpecError",
+__all__ = ["BUILTINS", "ProcessReward", "RewardError", "RewardResult", "RewardSet", "RewardSpec", "RewardSpecError",
            "completion_text", "load_reward", "parse_spec"]

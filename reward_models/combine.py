@@ -28,7 +28,9 @@ from typing import Any, Iterable
 import torch
 
 from .loader import check_weight, load_reward, parse_spec
-from .protocol import RewardError
+from .protocol import RewardError, split_reward
+
+Process = dict[int, tuple[list | None, list | None]]  # sample index -> (step rewards, token rewards)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ class RewardResult:
     weights: list[float]
     metrics: dict[str, float]  # rewards/<name>/mean, rewards/<name>/std, reward_errors/<name>
     errors: list[RewardError] = field(default_factory=list)
+    # process rewards (ProcessReward returns), weighted and summed over functions; NaN where none was given
+    step_rewards: torch.Tensor | None = None  # [N, S] float32, reward of each sample's own denoising step
+    token_rewards: torch.Tensor | None = None  # [N, L] float32, reward of each response position
 
 
 @dataclass
@@ -211,8 +216,9 @@ class RewardSet:
                                batch_size=n)
 
     # --- validation -------------------------------------------------------------------------------------
-    def _check_values(self, k: int, raw: Any, n: int, offset: int = 0) -> tuple[list, dict[int, RewardError]]:
-        """(values, {index: error}) for one return value covering samples offset .. offset + n - 1."""
+    def _check_values(self, k: int, raw: Any, n: int, offset: int = 0
+                      ) -> tuple[list, dict[int, RewardError], Process]:
+        """(values, {index: error}, process parts) for one return value covering samples offset .. offset + n - 1."""
         name = self.names[k]
         if isinstance(raw, torch.Tensor) or hasattr(raw, "tolist"):
             raw = raw.tolist()
@@ -221,40 +227,60 @@ class RewardSet:
             detail = f"returned {got}, expected a list of {n} floats or None (one per completion)"
             # a single-sample re-run names its sample; a batch call can only name the whole batch
             err = RewardError(name, detail, offset) if n == 1 else RewardError(name, detail, batch_size=n)
-            return [None] * n, {offset + i: err for i in range(n)}
-        values, errors = [], {}
+            return [None] * n, {offset + i: err for i in range(n)}, {}
+        values, errors, process = [], {}, {}
         for i, v in enumerate(raw):
             try:
-                f = _to_float(v)
+                outcome, steps, tokens = split_reward(v)
+                f = _to_float(outcome)
                 if f is not None and not math.isfinite(f):
                     raise ValueError(f"returned {f}, which is not a finite number")
                 values.append(f)
+                if steps is not None or tokens is not None:
+                    process[offset + i] = (steps, tokens)
             except (TypeError, ValueError) as e:
                 values.append(None)
                 errors[offset + i] = RewardError(name, str(e), offset + i)
-        return values, errors
+        return values, errors, process
 
-    def _values(self, k: int, outcome: _Outcome | RewardError, n: int) -> tuple[list, dict[int, RewardError]]:
+    def _values(self, k: int, outcome: _Outcome | RewardError, n: int
+                ) -> tuple[list, dict[int, RewardError], Process]:
         name = self.names[k]
         if isinstance(outcome, RewardError):
-            return [None] * n, {i: outcome for i in range(n)}
+            return [None] * n, {i: outcome for i in range(n)}, {}
         if outcome.batch_error is None:
             return self._check_values(k, outcome.values, n)
         e = outcome.batch_error
         if not outcome.sample_errors:  # not located (one sample, locating off, or only the batch fails)
             err = RewardError(name, f"raised {type(e).__name__}: {e}", 0 if n == 1 else None,
                               batch_size=None if n == 1 else n)
-            return [None] * n, {i: err for i in range(n)}
-        values, errors = [None] * n, {}
+            return [None] * n, {i: err for i in range(n)}, {}
+        values, errors, process = [None] * n, {}, {}
         for i in range(n):
             if i in outcome.sample_errors:
                 s = outcome.sample_errors[i]
                 errors[i] = RewardError(name, f"raised {type(s).__name__}: {s}", i)
             else:
-                single, errs = self._check_values(k, outcome.per_sample[i], 1, offset=i)
+                single, errs, proc = self._check_values(k, outcome.per_sample[i], 1, offset=i)
                 values[i] = single[0]
                 errors.update(errs)
-        return values, errors
+                process.update(proc)
+        return values, errors, process
+
+    def _check_process(self, k: int, process: Process, trajectory: Any, errors: dict[int, RewardError]) -> None:
+        """Step rewards must fit the sample's own steps and token rewards its response (when the trajectory is
+        known); a misfit is the reward's error for that sample (raised, or zeroed with on_error=zero)."""
+        steps_taken = getattr(trajectory, "unmask_step", None)
+        for i, (steps, tokens) in list(process.items()):
+            detail = None
+            if steps is not None and steps_taken is not None and len(steps) > int(steps_taken[i].max()) + 1:
+                detail = (f"returned {len(steps)} step rewards but the sample took {int(steps_taken[i].max()) + 1} "
+                          "denoising steps")
+            elif tokens is not None and steps_taken is not None and len(tokens) > steps_taken.shape[1]:
+                detail = f"returned {len(tokens)} token rewards for a response of {steps_taken.shape[1]} tokens"
+            if detail is not None:
+                errors[i] = RewardError(self.names[k], detail, i)
+                del process[i]
 
     # --- the batch --------------------------------------------------------------------------------------
     def __call__(self, prompts: list | None, completions: list, **columns: Any) -> RewardResult:
@@ -266,11 +292,13 @@ class RewardSet:
             raise ValueError(f"{len(prompts)} prompts for {n} completions")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         futures = [self._submit(k, (prompts, completions, columns)) for k in range(len(self.fns))]
-        table, found = [], []
+        table, found, processes = [], [], []
         for k, future in enumerate(futures):
-            values, errors = self._values(k, self._wait(k, future, deadline, n), n)
+            values, errors, process = self._values(k, self._wait(k, future, deadline, n), n)
+            self._check_process(k, process, columns.get("trajectory"), errors)
             table.append(values)
             found.append(errors)
+            processes.append(process)
         first = next((e for errs in found for e in errs.values()), None)
         if first is not None and self.on_error == "raise":
             others = sum(len(errs) for errs in found) - 1
@@ -279,12 +307,26 @@ class RewardSet:
         for k, errors in enumerate(found):
             for i in errors:
                 table[k][i] = 0.0
+                processes[k].pop(i, None)
             if errors:
                 logger.warning("reward '%s': %d sample(s) scored 0 after errors; first: %s", self.names[k],
                                len(errors), next(iter(errors.values())))
-        return self._result(table, found, n)
+        return self._result(table, found, n, processes)
 
-    def _result(self, table: list[list], found: list[dict], n: int) -> RewardResult:
+    def _process_table(self, processes: list[Process], n: int, part: int) -> torch.Tensor | None:
+        """[N, width] weighted sum over functions of one process part (0: steps, 1: tokens); NaN = none given."""
+        width = max((len(p[part]) for proc in processes for p in proc.values() if p[part] is not None), default=0)
+        if not width:
+            return None
+        out = torch.full((n, width), math.nan, dtype=torch.float64)
+        for k, proc in enumerate(processes):
+            for i, parts in proc.items():
+                for j, v in enumerate(parts[part] or []):
+                    if v is not None:
+                        out[i, j] = (0.0 if math.isnan(out[i, j]) else out[i, j]) + self.weights[k] * v
+        return out.float()
+
+    def _result(self, table: list[list], found: list[dict], n: int, processes: list[Process]) -> RewardResult:
         matrix = torch.tensor([[math.nan if v is None else v for v in col] for col in table],
                               dtype=torch.float64).T.reshape(n, len(self.fns))  # [N, F]
         weights = torch.tensor(self.weights, dtype=torch.float64)
@@ -304,7 +346,9 @@ class RewardSet:
             metrics[f"reward_errors/{name}"] = float(len(found[k]))
         errors = [e for errs in found for e in errs.values()]
         return RewardResult(total=total.float(), per_function=matrix.float(), names=list(self.names),
-                            weights=list(self.weights), metrics=metrics, errors=errors)
+                            weights=list(self.weights), metrics=metrics, errors=errors,
+                            step_rewards=self._process_table(processes, n, 0),
+                            token_rewards=self._process_table(processes, n, 1))
 
     def close(self) -> None:
         """Stop the pools and any sandbox / verifier processes the rewards started."""

@@ -5,15 +5,73 @@ A reward is any callable `f(prompts, completions, **kwargs) -> list[float | None
                         (a list of {"role", "content"} messages)
   kwargs                every other dataset column (one value per sample), plus `trajectory` (the batch's
                         per-step record, opaque) and `trainer_state` (step, epoch) when the trainer has them
-  return                one float per sample, or None where the reward does not apply to that sample
+  return                one float per sample, or None where the reward does not apply to that sample; or, for
+                        a sample with process rewards, a ProcessReward (or a dict with its fields)
 `async def` rewards are awaited, concurrently with each other.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from dataclasses import dataclass
 from typing import Any, Awaitable, Protocol, Sequence, Union
 
-Reward = Union[float, None]
+
+@dataclass(frozen=True)
+class ProcessReward:
+    """A sample's reward with a per-step or per-token part, returned in place of its float.
+
+    outcome  the usual reward of the whole completion (None: this function gives no outcome for the sample)
+    steps    one reward per denoising step of the sample, indexed like `trajectory.unmask_step[i]` (the sample's
+             own steps, 0 = its first); None entries give nothing for that step; may stop before the last step
+    tokens   one reward per response position j (`trajectory.response_ids[i, j]`); each lands on the step that
+             committed token j (a step's reward is the sum of its tokens'); None entries give nothing
+    A TRL function that returns one float per completion needs none of this and keeps working unchanged.
+    """
+
+    outcome: float | None = None
+    steps: Sequence[float | None] | None = None
+    tokens: Sequence[float | None] | None = None
+
+
+Reward = Union[float, None, ProcessReward]
+PROCESS_KEYS = ("outcome", "steps", "tokens")
+
+
+def _number(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real) and not hasattr(value, "__float__"):
+        raise TypeError(f"{what} is {type(value).__name__} {value!r}, expected a float or None")
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValueError(f"{what} is {f}, which is not a finite number")
+    return f
+
+
+def split_reward(value: Any) -> tuple[Any, list | None, list | None]:
+    """(outcome, step rewards, token rewards) of one returned value; a plain float has no process part.
+
+    The outcome is returned as given (the caller checks it); process entries are checked here: finite floats or
+    None. Raises TypeError / ValueError naming what is wrong.
+    """
+    if isinstance(value, dict) and value and set(value) <= set(PROCESS_KEYS):
+        value = ProcessReward(**value)
+    if not isinstance(value, ProcessReward):
+        return value, None, None
+    parts = []
+    for name in ("steps", "tokens"):
+        seq = getattr(value, name)
+        if seq is None:
+            parts.append(None)
+            continue
+        if hasattr(seq, "tolist"):
+            seq = seq.tolist()
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise TypeError(f"ProcessReward.{name} is a {type(seq).__name__}, expected a list of floats or None")
+        parts.append([_number(v, f"ProcessReward.{name}[{j}]") for j, v in enumerate(seq)])
+    return value.outcome, parts[0], parts[1]
 
 
 class RewardFn(Protocol):

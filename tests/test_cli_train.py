@@ -113,8 +113,11 @@ def test_lora_checkpoint_exports_to_a_full_model(tiny_dir, tmp_path):
     from tracerl.models import load_model
 
     run = tmp_path / "run"
+    reward = tmp_path / "spread.py"  # a random tiny model rarely ends its answers: give every group a spread
+    reward.write_text("def distinct(prompts, completions, **kw):\n    return [len(set(c)) / 8 for c in completions]\n")
     out = cli("train", "recipes/cpu_quickstart.yaml", f"model.path={tiny_dir}", "trainer.max_steps=1",
-              f"trainer.output_dir={run}", "peft.r=4", "optimizer.learning_rate=0.05")
+              f"trainer.output_dir={run}", "peft.r=4", "optimizer.learning_rate=0.05",
+              f"rewards=[{{fn: '{reward}:distinct'}}]")
     assert out.returncode == 0, out.stderr
     assert (run / "checkpoint-1" / "model" / "adapter_config.json").is_file()
     out = cli("export", str(run / "checkpoint-1"), "--output", str(tmp_path / "merged"))

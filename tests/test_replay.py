@@ -8,7 +8,7 @@ from tracerl.credit import shrink_steps
 from tracerl.replay import build_replay, token_logprobs
 from tracerl.rollout import RolloutConfig, generate
 
-PROMPTS = ["hello", "abcdefg hij", "x"]  # P = 11 padded: not a multiple of block_size 4
+PROMPTS = ["hello", "abcdefg hij", "x"]  # lengths 5, 11, 1: no prompt is a multiple of block_size 4
 
 
 def _rollout(model, **kw):
@@ -33,7 +33,7 @@ def test_trace_rows_reproduce_behaviour_logprobs(kind, full_model, block_model):
 
 def test_packed_block_replay_costs_max_steps_per_block(block_model):
     traj = _rollout(block_model, max_completion_length=16, steps=16)  # 1 token per step, 4 steps per full block
-    assert traj.block_bounds.tolist() == [11, 12, 16, 20, 24, 27]
+    assert traj.block_offset.tolist() == [1, 3, 1]  # each prompt's own tail in its first response block
     batch = build_replay(traj, traj.unmask_step, "trace")
     assert batch.forwards_per_response == 4  # max steps per block, not 16 steps
     shrunk = shrink_steps(traj.unmask_step, traj.action_mask, 2, traj.block_of_position())

@@ -79,6 +79,8 @@ class AlgorithmConfig:
     value_clip: float | None = 0.2  # clipped value loss range (None = unclipped)
     value_learning_rate: float | None = None  # None = optimizer.learning_rate
     whiten_advantages: bool = True  # normalise GAE advantages over the batch (value-model path; as PPO and verl do)
+    process_reward_coef: float = 1.0  # weight of process (per-step / per-token) rewards against the outcome, after
+    #   each is normalised (group baselines) or in the GAE rewards (value model); 0 = ignore them
 
 
 @dataclass

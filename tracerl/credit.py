@@ -119,6 +119,81 @@ def grpo_advantages(
     return Advantages(broadcast_to_tokens(adv, token_mask), None, token_mask, metrics)
 
 
+def process_table(
+    step_rewards: Tensor | None, token_rewards: Tensor | None, unmask_step: Tensor, action_mask: Tensor
+) -> Tensor | None:
+    """Per-step process rewards [N, T] (T = the longest row's steps; NaN = no reward for that step), or None.
+
+    step_rewards [N, S] (NaN = none) are indexed by each row's own step; token_rewards [N, L'] (NaN = none, L' <= L)
+    land on the step that committed the token, summed per step. Rewards on non-action tokens (EOS padding) are
+    dropped: no decision of the policy made them.
+    """
+    if step_rewards is None and token_rewards is None:
+        return None
+    n, length = unmask_step.shape
+    steps = torch.where(action_mask, unmask_step.long(), torch.full_like(unmask_step.long(), -1))
+    num_t = int(steps.max()) + 1 if steps.numel() else 0
+    out = torch.full((n, num_t), float("nan"), dtype=torch.float32)
+    if step_rewards is not None:
+        width = min(step_rewards.shape[1], num_t)
+        out[:, :width] = step_rewards[:, :width].float()
+    if token_rewards is not None:
+        tok = torch.full((n, length), float("nan"), dtype=torch.float32)
+        tok[:, :token_rewards.shape[1]] = token_rewards.float()
+        hit = torch.isfinite(tok) & action_mask  # [N, L]
+        index = torch.where(hit, steps, 0)
+        sums = torch.zeros(n, num_t).scatter_add(1, index, torch.where(hit, tok, 0.0))
+        counts = torch.zeros(n, num_t).scatter_add(1, index, hit.float())
+        out = torch.where(counts > 0, torch.nan_to_num(out, nan=0.0) + sums, out)
+    return out if torch.isfinite(out).any() else None
+
+
+def process_advantages(
+    process: Tensor,
+    group_id: Tensor,
+    train_step: Tensor,
+    action_mask: Tensor,
+    scale_rewards: ScaleRewards = "group",
+    eps: float = 1e-4,
+    batch_std: float | None = None,
+) -> Tensor:
+    """Group-relative advantages from per-step (process) rewards -> [N, L] (0 off the action tokens).
+
+    DeepSeekMath's process supervision (Shao et al. 2024, sec. 4.1.3) over denoising steps: every step reward of
+    a group is normalised by the mean and std of ALL step rewards given in that group,
+        r~_{i,t} = (r_{i,t} - mean_group) / (std_group + eps),
+    and a token committed at (training) step t gets the sum over its row's steps from t on:
+        A_j = sum_{u >= t_j} r~_{i,u}.
+    process [N, T]: reward of each row's own step u (NaN = none given for that step; entries past a row's last step
+    must be NaN). scale_rewards as in group_advantages ("batch": batch_std, or the std of every given reward in this
+    batch; "none": no division). train_step [N, L]: a merged (shrunk) group starts at its first step, so its tokens
+    get the rewards of every step it merges.
+    """
+    dtype = _float_dtype(process)
+    p = process.detach().to(dtype)  # [N, T]
+    given = torch.isfinite(p)
+    p0 = torch.where(given, p, torch.zeros_like(p))
+    _, inv = torch.unique(group_id, return_inverse=True)  # [N]
+    zeros = torch.zeros(int(inv.max()) + 1 if inv.numel() else 0, dtype=dtype, device=p.device)  # [G]
+    count = zeros.index_add(0, inv, given.sum(1).to(dtype))  # [G] rewards given per group
+    mean = zeros.index_add(0, inv, p0.sum(1)) / count.clamp(min=1)  # [G]
+    dev = torch.where(given, p0 - mean[inv][:, None], torch.zeros_like(p0))  # [N, T]
+    if scale_rewards == "group":
+        std = (zeros.index_add(0, inv, (dev * dev).sum(1)) / (count - 1).clamp(min=1)).sqrt()[inv][:, None]
+        dev = torch.where(std > 0, dev / (std + eps), torch.zeros_like(dev))  # no spread: no signal (not 0 / 0)
+    elif scale_rewards == "batch":
+        if batch_std is None:
+            flat = p[given]
+            batch_std = float(flat.std()) if flat.numel() > 1 else 0.0
+        dev = dev / (batch_std + eps) if batch_std > 0 else torch.zeros_like(dev)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    # return-to-go over steps; column T (past every step) is 0
+    to_go = torch.cat([dev.flip(1).cumsum(1).flip(1), torch.zeros_like(dev[:, :1])], dim=1)  # [N, T + 1]
+    index = train_step.long().clamp(0, p.shape[1])  # [N, L]
+    return torch.where(action_mask, to_go.gather(1, index), torch.zeros((), dtype=dtype, device=p.device))
+
+
 # ---- step ranks and shrinkage ---------------------------------------------------------------------------------
 
 
@@ -144,6 +219,18 @@ def _dense_rank(steps: Tensor, mask: Tensor, segment: Tensor) -> tuple[Tensor, T
     # index of the segment's first key, carried forward: cummax of (pos where a segment starts, else 0)
     start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(0).values  # [U]
     return uniq, inv.view(steps.shape), pos - start, start, span
+
+
+def step_rank(steps: Tensor, mask: Tensor, segment: Tensor | None = None) -> Tensor:
+    """[N, L] dense rank of each masked position's step among the distinct steps of its segment; -1 elsewhere.
+
+    segment [N, L] (default: the row) groups positions whose steps are ranked together, e.g. (row, block) pairs.
+    Example: steps [3, 3, 5, 9] in one segment -> ranks [0, 0, 1, 2].
+    """
+    if segment is None:
+        segment = torch.arange(steps.shape[0], device=steps.device)[:, None].expand(steps.shape)
+    _, inv, rank, _, _ = _dense_rank(steps, mask, segment)
+    return torch.where(mask, rank[inv], torch.full_like(inv, -1))
 
 
 def shrink_steps(

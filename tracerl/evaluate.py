@@ -12,7 +12,11 @@ from tracerl.config import RLConfig
 from tracerl.data import columns_of
 from tracerl.models.base import DiffusionLM
 from tracerl.rollout import generate
+from tracerl.rollout.config import derive_seed
 from tracerl.rollout.display import completions
+
+
+EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training rollouts' (seed, step, prompt, g)
 
 
 def evaluate(
@@ -31,8 +35,10 @@ def evaluate(
         batch = [r for r in rows[first:first + ev.batch_size] for _ in range(ev.num_generations)]
         ids = [tok(format_prompt(tok, r["prompt"], m.use_chat_template, m.system_prompt),
                    add_special_tokens=False)["input_ids"] for r in batch]
-        cfg = replace(config.rollout, temperature=ev.temperature, seed=config.trainer.seed + first)
-        traj = generate(model, ids, cfg)
+        # sample g of row i draws from its own seed: the scores cannot depend on eval.batch_size
+        seeds = [derive_seed(config.trainer.seed, EVAL_STREAM, first + i // ev.num_generations, i % ev.num_generations)
+                 for i in range(len(batch))]
+        traj = generate(model, ids, replace(config.rollout, temperature=ev.temperature), row_seeds=seeds)
         texts = completions(traj, tok)
         result = reward_fn([r["prompt"] for r in batch], texts, trajectory=traj,
                            trainer_state={"step": -1, "epoch": 0}, **columns_of(batch))

@@ -3,14 +3,15 @@
 Estimators (all feed the same loss):
   trace (TraceRL)  the states the sampler actually visited. Full attention: one row per (shrunk) step v, the
                    response masked wherever unmask_step >= v, scoring the tokens of step v. Block diffusion: one
-                   packed row per *round* r, `[prompt | clean response | noisy copy of every block]`: the noisy
-                   copy of block b holds the state before its r-th (shrunk) step and sees the prompt, the clean
-                   blocks < b and itself, exactly the context the KV-cached sampler gave it. A response then costs
-                   (max steps per block) / s forwards instead of one per step.
+                   packed row per *round* r (tracerl.packing): the noisy copy of block b holds the state before its
+                   r-th (shrunk) step and sees the prompt, the clean blocks < b and itself, exactly the context the
+                   KV-cached sampler gave it. A response then costs (max steps per block) / s forwards instead of
+                   one per step.
   random_masking   d1 / diffu-GRPO: the completion masked at a random ratio t ~ U(0, 1] (each token
                    independently), prompt tokens masked with p_mask_prompt; scores the masked completion tokens.
   coupled          DiffuCoder: a random mask and its complement, two rows per response, so every completion token
                    is scored exactly once.
+On block-diffusion models the random-mask estimators use the same packed layout, so a block sees clean context.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from tracerl.models.masks import block_index, positions_from_padding
+from tracerl.credit import step_rank
+from tracerl.models.masks import positions_from_padding
+from tracerl.packing import PackedRows, pack_rows
 from tracerl.rollout.trajectory import Trajectory
+
+LOGPROB_FLOOR = -1e4  # a token outside a top-k / top-p set scores this instead of -inf (no inf in any loss term)
 
 ESTIMATORS = ("trace", "random_masking", "coupled")
 
@@ -30,7 +35,8 @@ class ReplayBatch:
     input_ids: torch.Tensor  # [R, T] int64, the state each row is evaluated on
     position_ids: torch.Tensor  # [R, T] int64 rotary positions
     key_padding: torch.Tensor  # [R, T] int64, 1 = real token
-    visible: torch.Tensor | None  # [R, T, T] bool explicit attention (packed rows); None = the model's own policy
+    block: torch.Tensor | None  # [R, T] int64 own block id (packed rows); None = the model's own attention
+    noisy: torch.Tensor | None  # [R, T] bool, True in the noisy part of a packed row
     loss_mask: torch.Tensor  # [R, T] bool, positions whose log-prob enters the loss
     source_row: torch.Tensor  # [R] int64, trajectory row each training row comes from (non-decreasing)
     source_pos: torch.Tensor  # [R, T] int64, response index j of the token scored at a position, -1 elsewhere
@@ -40,6 +46,13 @@ class ReplayBatch:
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def visibility(self) -> torch.Tensor | None:
+        """[R, T, T] bool attention of packed rows, built for these rows only (None: the model's own policy)."""
+        if self.block is None:
+            return None
+        return PackedRows(self.input_ids, self.position_ids, self.key_padding, self.block, self.noisy,
+                          0).visibility()
 
     def slice(self, rows: slice) -> "ReplayBatch":
         values = {}
@@ -106,7 +119,8 @@ def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
         input_ids=torch.cat([traj.prompt_ids[row_t], resp], dim=1),
         position_ids=positions_from_padding(key_padding),
         key_padding=key_padding,
-        visible=None,
+        block=None,
+        noisy=None,
         loss_mask=source_pos >= 0,
         source_row=row_t,
         source_pos=source_pos,
@@ -115,92 +129,55 @@ def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
     )
 
 
-def _rank_within_block(traj: Trajectory, train_step: torch.Tensor) -> torch.Tensor:
-    """[N, L] rank of each action's train step among its block's distinct train steps (-1 for non-actions).
-
-    Blocks are sampled one after another, so every step of block b precedes every step of block b + 1 and a
-    row-wide dense rank minus the block's smallest rank is the rank inside the block.
-    """
-    block = traj.block_of_position()  # [L]
-    rank = torch.full_like(train_step, -1)
-    for n in range(traj.num_sequences):
-        act = traj.action_mask[n]
-        _, dense = torch.unique(train_step[n][act], return_inverse=True)
-        global_rank = torch.full((traj.response_length,), -1, dtype=torch.long)
-        global_rank[act] = dense
-        first = torch.zeros(int(block.max()) + 1, dtype=torch.long)
-        first = first.scatter_reduce(0, block[act], dense, reduce="amin", include_self=False)
-        rank[n] = torch.where(act, global_rank - first[block], -1)
-    return rank
-
-
-def _round_start_steps(train_step: torch.Tensor, rank: torch.Tensor, block: torch.Tensor, r: int) -> torch.Tensor:
-    """[K] for each block: the first step of its round-r group (a block without one: int64 max, i.e. all clean)."""
-    start = torch.full((int(block.max()) + 1,), torch.iinfo(torch.long).max, dtype=torch.long)
-    sel = rank == r
-    return start.scatter_reduce(0, block[sel], train_step[sel], reduce="amin")
-
-
 def _trace_packed(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
-    """Block diffusion: one packed row per (trajectory row, round)."""
-    N, P, L, bs = traj.num_sequences, traj.prompt_length, traj.response_length, traj.block_size
-    rank = _rank_within_block(traj, train_step)  # [N, L]
-    frame_pos, noisy_block = packed_layout(P, L, bs)  # [T], [T]
-    visible = packed_visibility(frame_pos, noisy_block, bs)  # [T, T]
-    block = traj.block_of_position()
-    rows = [(n, r) for n in range(N) for r in range(int(rank[n].max()) + 1)]
-    noisy_resp = (noisy_block >= 0) & (frame_pos >= P)  # [T] noisy positions holding response tokens
-    where = noisy_resp.nonzero().flatten()
-    j = frame_pos[noisy_resp] - P  # response index of each of them
-    ids = torch.empty(len(rows), frame_pos.numel(), dtype=torch.long)
-    source_pos = torch.full(ids.shape, -1, dtype=torch.long)
-    step_id = torch.full(ids.shape, -1, dtype=torch.long)
-    frames = traj.sequences()
-    for i, (n, r) in enumerate(rows):
-        start = _round_start_steps(train_step[n], rank[n], block, r)[block[j]]  # [len(j)]
-        masked = traj.unmask_step[n, j] >= start  # not yet committed before this round's step
-        ids[i] = frames[n, frame_pos]
-        ids[i, where] = torch.where(masked, traj.mask_token_id, frames[n, P + j])
-        scored = (rank[n, j] == r) & traj.action_mask[n, j]
-        source_pos[i, where[scored]] = j[scored]
-        step_id[i, where[scored]] = train_step[n, j[scored]]
-    row_t = torch.tensor([n for n, _ in rows], dtype=torch.long)
-    key_padding = traj.attention_mask()[row_t][:, frame_pos]
+    """Block diffusion: one packed row per (trajectory row, round); round r holds, for every block, the state
+    before the block's r-th (shrunk) step and scores that step's tokens."""
+    N = traj.num_sequences
+    block = traj.block_of_position()  # [N, L]
+    K = int(block.max()) + 1
+    segment = torch.arange(N)[:, None] * K + block  # [N, L] one bucket per (row, block)
+    rank = step_rank(train_step, traj.action_mask, segment)  # [N, L] rank of the step inside its block, -1 else
+    rounds = (rank.amax(1) + 1).clamp(min=0)  # [N]
+    R_max = int(rounds.max()) if N else 0
+    # first step of round r in block b of row n: [N, R_max, K]; a block without a round r stays all clean
+    never = torch.iinfo(torch.long).max
+    start = torch.full((N, R_max * K), never, dtype=torch.long)
+    act = rank >= 0
+    start.scatter_reduce_(1, torch.where(act, rank * K + block, 0), torch.where(act, train_step, never), "amin")
+    start = start.view(N, R_max, K)
+    row_t = torch.arange(N).repeat_interleave(rounds)  # [R]
+    round_t = torch.cat([torch.arange(int(r)) for r in rounds]) if N else torch.zeros(0, dtype=torch.long)
+    first_step = start[row_t, round_t].gather(1, block[row_t])  # [R, L] the state each block is shown in
+    masked = traj.unmask_step[row_t] >= first_step
+    noisy = torch.where(masked, traj.mask_token_id, traj.response_ids[row_t])
+    scored = (rank[row_t] == round_t[:, None]) & traj.action_mask[row_t]  # [R, L]
+    packed = pack_rows(traj.prompt_ids[row_t], traj.prompt_mask[row_t], traj.response_ids[row_t], noisy,
+                       traj.block_size)
+    return _packed_batch(packed, row_t, scored, torch.where(scored, train_step[row_t], -1), N)
+
+
+def _packed_batch(packed: PackedRows, row_t: torch.Tensor, scored: torch.Tensor, step: torch.Tensor, N: int
+                  ) -> ReplayBatch:
+    """A ReplayBatch over packed rows scoring the noisy response tokens `scored` [R, L] (step ids [R, L])."""
+    R, T = packed.input_ids.shape
+    L = scored.shape[1]
+    cols = slice(packed.response_start, packed.response_start + L)
+    source_pos = torch.full((R, T), -1, dtype=torch.long)
+    source_pos[:, cols] = torch.where(scored, torch.arange(L).expand(R, L), -1)
+    step_id = torch.full((R, T), -1, dtype=torch.long)
+    step_id[:, cols] = torch.where(scored, step, -1)
     return ReplayBatch(
-        input_ids=ids,
-        position_ids=positions_from_padding(traj.attention_mask())[row_t][:, frame_pos],
-        key_padding=key_padding,
-        visible=visible[None] & key_padding.bool()[:, None, :],
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        key_padding=packed.key_padding,
+        block=packed.block,
+        noisy=packed.noisy,
         loss_mask=source_pos >= 0,
         source_row=row_t,
         source_pos=source_pos,
         step_id=step_id,
-        forwards_per_response=len(rows) / max(N, 1),
+        forwards_per_response=R / max(N, 1),
     )
-
-
-def packed_layout(P: int, L: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token order of a packed row: the clean frame [0, P + L), then a noisy copy of every aligned block that holds
-    response tokens (the prompt's tail included, as in the sampler's chunk).
-
-    Returns (frame_pos [T]: frame position each packed token copies, noisy_block [T]: block id of a noisy copy's
-    token, -1 for the clean part).
-    """
-    noisy = torch.arange((P // bs) * bs, P + L)
-    frame_pos = torch.cat([torch.arange(P + L), noisy])
-    noisy_block = torch.cat([torch.full((P + L,), -1), block_index(noisy, bs)])
-    return frame_pos, noisy_block
-
-
-def packed_visibility(frame_pos: torch.Tensor, noisy_block: torch.Tensor, bs: int) -> torch.Tensor:
-    """[T, T] bool. Clean queries: block-causal over the clean frame. A noisy copy of block b: clean keys in blocks
-    < b plus its own copy (bidirectional)."""
-    blk = block_index(frame_pos, bs)
-    clean = noisy_block < 0
-    clean_q = clean[:, None] & clean[None, :] & (blk[None, :] <= blk[:, None])
-    noisy_to_clean = (~clean)[:, None] & clean[None, :] & (blk[None, :] < noisy_block[:, None])
-    noisy_to_self = (~clean)[:, None] & (~clean)[None, :] & (noisy_block[:, None] == noisy_block[None, :])
-    return clean_q | noisy_to_clean | noisy_to_self
 
 
 def _random_rows(
@@ -218,6 +195,9 @@ def _random_rows(
         hide = (torch.rand(prompt.shape, generator=generator) < p_mask_prompt) & traj.prompt_mask[row_t]
         prompt[hide] = traj.mask_token_id
     resp = torch.where(resp_mask, traj.mask_token_id, traj.response_ids[row_t])
+    if traj.block_size is not None:  # a block sees the clean blocks before it, as when it was sampled
+        packed = pack_rows(prompt, traj.prompt_mask[row_t], traj.response_ids[row_t], resp, traj.block_size)
+        return _packed_batch(packed, row_t, resp_mask, torch.zeros_like(resp), N)
     key_padding = traj.attention_mask()[row_t]
     pos = torch.arange(L).expand(len(row_t), L)
     source_pos = torch.cat([torch.full((len(row_t), P), -1), torch.where(resp_mask, pos, -1)], dim=1)
@@ -225,7 +205,8 @@ def _random_rows(
         input_ids=torch.cat([prompt, resp], dim=1),
         position_ids=positions_from_padding(key_padding),
         key_padding=key_padding,
-        visible=None,
+        block=None,
+        noisy=None,
         loss_mask=source_pos >= 0,
         source_row=row_t,
         source_pos=source_pos,
@@ -237,31 +218,36 @@ def _random_rows(
 def replay_logits(model, batch: ReplayBatch, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Aligned logits [R, T, V] (or [R, len(keep), V]) under the attention the rows were built for."""
     dev = model.device
-    if batch.visible is not None:
-        return model.logits_packed(batch.input_ids.to(dev), batch.visible.to(dev), batch.position_ids.to(dev),
-                                   keep=None if keep is None else keep.to(dev))
-    return model.logits(batch.input_ids.to(dev), batch.key_padding.to(dev), keep=None if keep is None else keep.to(dev))
+    keep = None if keep is None else keep.to(dev)
+    if batch.block is not None:
+        return model.logits_packed(batch.input_ids.to(dev), batch.visibility().to(dev), batch.position_ids.to(dev),
+                                   keep=keep)
+    return model.logits(batch.input_ids.to(dev), batch.key_padding.to(dev), keep=keep)
 
 
 def token_logprobs(
-    model, batch: ReplayBatch, targets: torch.Tensor, temperature: float, with_entropy: bool = False
+    model, batch: ReplayBatch, targets: torch.Tensor, temperature: float, with_entropy: bool = False,
+    top_k: int = 0, top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(target | row state) at every scored position: ([R, T] float32, 0 elsewhere; entropy [R, T] or None).
 
-    Only the columns some row scores go through the LM head: the vocabulary projection is the largest
-    activation in the step, and most columns of a replay row are context.
+    pi is the distribution the sampler draws from (temperature, top-k, top-p, `[MASK]` excluded: one formula,
+    `sampling_logprobs`), so the first PPO ratio is exactly 1. A target outside the current top-k / top-p set
+    scores LOGPROB_FLOOR. Only the columns some row scores go through the LM head: the vocabulary projection is
+    the largest activation in the step, and most columns of a replay row are context.
     """
-    from tracerl.losses import entropy_from_logits
     from tracerl.rollout.policies import sampling_logprobs
 
     temperature = temperature if temperature > 0 else 1.0
     cols = batch.loss_mask.any(0).nonzero().flatten()  # [K]
     logits = replay_logits(model, batch, keep=cols)  # [R, K, V]
-    logp_all = sampling_logprobs(logits, model.mask_token_id, temperature)
+    logp_all = sampling_logprobs(logits, model.mask_token_id, temperature, top_k, top_p)  # [R, K, V]
     picked = logp_all.gather(-1, targets[:, cols, None].to(logits.device)).squeeze(-1)  # [R, K]
+    picked = picked.clamp(min=LOGPROB_FLOOR)
     dev = picked.device
     out = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=dev).index_copy(1, cols.to(dev), picked)
     if not with_entropy:
         return out, None
-    ent = entropy_from_logits(logits.float() / temperature)
+    p = logp_all.exp()
+    ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # of the sampling distribution
     return out, torch.zeros_like(out).index_copy(1, cols.to(dev), ent)

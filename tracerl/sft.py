@@ -21,8 +21,7 @@ from transformers import get_scheduler
 from tracerl.config import SFTConfig
 from tracerl.data import PromptSampler
 from tracerl.models.base import DiffusionLM
-from tracerl.models.masks import positions_from_padding
-from tracerl.replay import packed_layout, packed_visibility
+from tracerl.packing import pack_rows
 from tracerl.rollout.sampler import pad_prompts
 from tracerl.tracking import MetricsLogger
 
@@ -62,7 +61,7 @@ def masked_diffusion_loss(
         logits = model.logits(torch.cat([prompt_ids, noisy], 1).to(dev), key_padding.to(dev),
                               keep=torch.arange(P, P + L, device=dev))  # [N, L, V]
     else:
-        logits = _block_logits(model, prompt_ids, response_ids, noisy, key_padding)
+        logits = _block_logits(model, prompt_ids, prompt_mask, response_ids, noisy)
     ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), response_ids.to(dev).flatten(),
                                            reduction="none").view(N, L)
     loss = ((ce * masked.to(dev)) / t.to(dev)).sum() / (N * L)
@@ -71,19 +70,14 @@ def masked_diffusion_loss(
                   "mask_ratio": masked.float().mean().item()}
 
 
-def _block_logits(model: DiffusionLM, prompt_ids, response_ids, noisy, key_padding) -> torch.Tensor:
-    """Packed block-diffusion forward; returns logits [N, L, V] of the noisy copies' response positions."""
-    P = prompt_ids.shape[1]
-    frame_pos, noisy_block = packed_layout(P, response_ids.shape[1], model.block_size)
-    clean_frame = torch.cat([prompt_ids, response_ids], 1)[:, frame_pos]
-    noisy_frame = torch.cat([prompt_ids, noisy], 1)[:, frame_pos]
-    ids = torch.where(noisy_block >= 0, noisy_frame, clean_frame)  # [N, T]
-    pad = key_padding[:, frame_pos]
-    visible = packed_visibility(frame_pos, noisy_block, model.block_size)[None] & pad.bool()[:, None, :]
-    positions = positions_from_padding(key_padding)[:, frame_pos]
-    keep = ((noisy_block >= 0) & (frame_pos >= P)).nonzero().flatten()  # the noisy response positions, in order
+def _block_logits(model: DiffusionLM, prompt_ids, prompt_mask, response_ids, noisy) -> torch.Tensor:
+    """Packed block-diffusion forward (tracerl.packing); returns logits [N, L, V] of the noisy response copy."""
+    packed = pack_rows(prompt_ids, prompt_mask, response_ids, noisy, model.block_size)
+    L = response_ids.shape[1]
+    keep = torch.arange(packed.response_start, packed.response_start + L)  # noisy response j, same column per row
     dev = model.device
-    return model.logits_packed(ids.to(dev), visible.to(dev), positions.to(dev), keep=keep.to(dev))
+    return model.logits_packed(packed.input_ids.to(dev), packed.visibility().to(dev), packed.position_ids.to(dev),
+                               keep=keep.to(dev))
 
 
 def train_sft(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTConfig) -> list[dict[str, float]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -37,6 +37,7 @@ from tracerl.models.base import DiffusionLM
 from tracerl.peft_utils import keep_requires_grad
 from tracerl.replay import ReplayBatch, build_replay, token_logprobs
 from tracerl.rollout import Trajectory, generate
+from tracerl.rollout.config import derive_seed
 from tracerl.rollout.display import completions as decode_completions
 from tracerl.tracking import MetricsLogger
 from tracerl.value import ValueModel
@@ -173,13 +174,13 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         """One RL step; returns its metrics over all ranks (TRL's names where they exist)."""
         t0 = time.perf_counter()
-        traj, prompts, texts, columns = self.rollout(self._step_rows())
+        traj, prompts, texts, columns = self.rollout(self._step_indices())
         t_rollout = time.perf_counter() - t0
-        rewards, reward_metrics = self.score(prompts, texts, columns, traj)
+        rewards, reward_metrics, process = self.score(prompts, texts, columns, traj)
         self._last_samples = [[str(prompts[i]), texts[i], float(rewards[i]), traj.unmask_step[i].tolist()]
                               for i in range(min(4, len(texts)))]
         t1 = time.perf_counter()
-        learned = self.learn(traj, rewards)
+        learned = self.learn(traj, rewards, process)
         steps = traj.steps_per_sequence().float()
         return dp.across_ranks(self.backend, {
             **dp.reward_stats(self.backend, rewards),
@@ -196,58 +197,81 @@ class RLTrainer:
             "learning_rate": self.scheduler.get_last_lr()[0],
         })
 
-    def learn(self, traj: Trajectory, rewards: torch.Tensor) -> dict[str, float]:
-        """Everything after scoring: credit -> replay -> update, on this rank's trajectories (rewards [N])."""
+    def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
+              ) -> dict[str, float]:
+        """Everything after scoring: credit -> replay -> update, on this rank's trajectories (rewards [N], process
+        rewards [N, T] per own step or None)."""
         tr, alg = self.config.trainer, self.config.algorithm
-        block = traj.block_of_position() if traj.block_size is not None else None
+        block = traj.block_of_position() if traj.block_size is not None else None  # [N, L]
         train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, alg.shrink, block)
         gen = torch.Generator().manual_seed(tr.seed * 7919 + self.step + 100_003 * self.backend.rank)
         replay = build_replay(traj, train_step, alg.estimator, alg.p_mask_prompt, gen)
-        adv, old_values = self.assign_credit(traj, rewards, train_step, replay)
+        adv, old_values = self.assign_credit(traj, rewards, train_step, replay, process)
         update_metrics = self.update(traj, replay, adv, old_values)
         self.step += 1
         return {**adv.metrics, **update_metrics,
                 "trajectory/replay_forwards_per_response": replay.forwards_per_response}
 
-    def _step_rows(self) -> list[dict[str, Any]]:
-        """This rank's prompts: every rank draws the same global order and takes its own slice."""
+    def _step_indices(self) -> list[int]:
+        """This rank's prompts (dataset indices): every rank draws the same global order and takes its slice."""
         tr, rank = self.config.trainer, self.backend.rank
         k = completions_per_step(tr) // tr.num_generations  # prompts per rank
         picked = self.sampler.next(k * self.backend.world_size)
-        return [self.rows[i] for i in picked[rank * k:(rank + 1) * k]]
+        return [int(i) for i in picked[rank * k:(rank + 1) * k]]
 
     # ---- rollout and reward ---------------------------------------------------------------------------------
-    def rollout(self, rows: list[dict[str, Any]]) -> tuple[Trajectory, list[Any], list[str], dict[str, list]]:
-        """G completions for each row's prompt; returns (trajectory, prompts, completion texts, other columns)."""
+    def rollout(self, indices: list[int]) -> tuple[Trajectory, list[Any], list[str], dict[str, list]]:
+        """G completions for the prompts of dataset rows `indices`; returns (trajectory, prompts, completion texts,
+        other columns). Completion g of prompt i samples from its own seed (run seed, step, i, g), so what a
+        prompt gets depends on the policy and that seed only: not on the batch, the rank or the world size."""
         from tracerl.models.prompting import format_prompt
 
-        G, m = self.config.trainer.num_generations, self.config.model
+        G, m, tr = self.config.trainer.num_generations, self.config.model, self.config.trainer
         tok = self.model.tokenizer
+        rows = [self.rows[i] for i in indices]
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         texts = [format_prompt(tok, p, m.use_chat_template, m.system_prompt) for p in prompts]
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         group_id = torch.arange(len(rows)).repeat_interleave(G) + self.backend.rank * len(rows)
-        seed = self.config.trainer.seed * 1_000_003 + self.step * 101 + self.backend.rank
+        row_seeds = [derive_seed(tr.seed, self.step, i, g) for i in indices for g in range(G)]
         with self.backend.generation(self.policy):  # ZeRO-3: full parameters for the rollout's forwards
-            traj = generate(self.model, ids, replace(self.config.rollout, seed=seed), group_id=group_id)
+            traj = generate(self.model, ids, self.config.rollout, group_id=group_id, row_seeds=row_seeds)
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns_of(rows).items()}
         return traj, prompts, decode_completions(traj, tok), columns
 
     def score(self, prompts: list[Any], texts: list[str], columns: dict[str, list], traj: Trajectory
-              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Rewards [N] float (NaN = no reward function applied) and per-function metrics."""
+              ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+        """Rewards [N] float (NaN = no reward function applied), per-function metrics, and the process rewards
+        [N, T] per own step (None when no function returned any; see reward_models.ProcessReward)."""
+        from reward_models.protocol import split_reward
+
         state = {"step": self.step, "epoch": self.sampler.epoch}
         result = self.reward_fn(prompts, texts, trajectory=traj, trainer_state=state, **columns)
         if hasattr(result, "total"):  # a reward_models.RewardSet result
-            return torch.as_tensor(result.total, dtype=torch.float32), dict(result.metrics)
-        values = torch.tensor([float("nan") if v is None else float(v) for v in result], dtype=torch.float32)
-        return values, {}
+            values, metrics = torch.as_tensor(result.total, dtype=torch.float32), dict(result.metrics)
+            steps, tokens = getattr(result, "step_rewards", None), getattr(result, "token_rewards", None)
+        else:  # a bare TRL-style function
+            parts = [split_reward(v) for v in result]
+            values = torch.tensor([float("nan") if o is None else float(o) for o, _, _ in parts], dtype=torch.float32)
+            metrics, steps, tokens = {}, _nan_table([p[1] for p in parts]), _nan_table([p[2] for p in parts])
+        process = None
+        if steps is not None or tokens is not None:
+            process = credit.process_table(steps, tokens, traj.unmask_step, traj.action_mask)
+        if process is not None:
+            given = process[torch.isfinite(process)]
+            metrics["rewards/process/mean"] = given.mean().item()
+            metrics["rewards/process/steps_per_sequence"] = given.numel() / max(len(texts), 1)
+        return values, metrics, process
 
     # ---- credit ---------------------------------------------------------------------------------------------
-    def assign_credit(self, traj: Trajectory, rewards: torch.Tensor, train_step: torch.Tensor, replay: ReplayBatch
-                      ) -> tuple[credit.Advantages, torch.Tensor | None]:
-        """Group-relative advantages, or step-level GAE from the value model read on the replay rows."""
+    def assign_credit(self, traj: Trajectory, rewards: torch.Tensor, train_step: torch.Tensor, replay: ReplayBatch,
+                      process: torch.Tensor | None = None) -> tuple[credit.Advantages, torch.Tensor | None]:
+        """Group-relative advantages, or step-level GAE from the value model read on the replay rows.
+
+        Process rewards (per own step, NaN = none), scaled by algorithm.process_reward_coef, add DeepSeekMath's
+        group-normalised return-to-go to the group advantages, or sit on their steps in the GAE recursion."""
         alg = self.config.algorithm
+        coef = alg.process_reward_coef if process is not None else 0.0
         if self.value_model is None:
             global_std = alg.scale_rewards == "batch" and self.backend.world_size > 1
             adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask,
@@ -255,13 +279,23 @@ class RLTrainer:
                                          drop_zero_std=alg.drop_zero_std_groups)
             if global_std:  # groups are rank-local, the batch is not: divide by the std over every rank's rewards
                 adv.advantages = adv.advantages / (dp.global_std(self.backend, rewards) + dp.BATCH_STD_EPS)
+            if coef:
+                batch_std = dp.global_std(self.backend, process.flatten()) if global_std else None
+                extra = credit.process_advantages(process, traj.group_id, train_step, traj.action_mask,
+                                                  alg.scale_rewards, batch_std=batch_std)
+                # a row with process rewards takes part even when its outcome carries no signal
+                adv.token_mask = adv.token_mask | (traj.action_mask & torch.isfinite(process).any(1)[:, None])
+                adv.advantages = torch.where(adv.token_mask, adv.advantages + coef * extra, 0.0)
             return adv, None
         with torch.no_grad():
             old_values = self._chunked(replay, lambda b, sl: self.value_model(b).float().cpu())  # [R, T]
         values = replay.scatter(old_values, traj.response_ids.shape)  # [N, L]
         scorable = torch.isfinite(rewards)
         outcome = torch.where(scorable, rewards, torch.zeros_like(rewards))
-        r = credit.place_rewards(outcome, traj.unmask_step, traj.action_mask, None, train_step)
+        steps = None if not coef else coef * torch.nan_to_num(process, nan=0.0)
+        if steps is not None:
+            scorable = scorable | torch.isfinite(process).any(1)
+        r = credit.place_rewards(outcome, traj.unmask_step, traj.action_mask, steps, train_step)
         adv = credit.step_gae(values, r, train_step, traj.action_mask & scorable[:, None], alg.gamma, alg.lam)
         if alg.whiten_advantages:
             adv.advantages = (credit.whiten(adv.advantages, adv.token_mask) if self.backend.world_size == 1
@@ -292,7 +326,7 @@ class RLTrainer:
     def update(self, traj: Trajectory, replay: ReplayBatch, adv: credit.Advantages,
                old_values: torch.Tensor | None) -> dict[str, float]:
         """`num_iterations` PPO epochs over the replay rows (policy, then value model)."""
-        alg, temp = self.config.algorithm, self.config.rollout.temperature
+        alg = self.config.algorithm
         targets = replay.targets(traj)
         advantages = replay.gather(adv.advantages)
         mask = replay.loss_mask & replay.gather(adv.token_mask.float()).bool()
@@ -301,32 +335,41 @@ class RLTrainer:
                                        constant=float(traj.response_length * traj.num_sequences))
         if self.backend.world_size > 1:  # ... and over ALL ranks
             weights = dp.global_weights(self.backend, weights, mask, alg.loss_aggregation, replay, traj.num_sequences)
-        old_lp = self._old_logprobs(traj, replay, targets)
         ref_lp = None
         if alg.beta > 0:
             with torch.no_grad(), self._reference() as ref:
-                ref_lp = self._chunked(replay, lambda b, sl: token_logprobs(ref, b, targets[sl], temp)[0].cpu())
+                ref_lp = self._chunked(replay, lambda b, sl: self._token_logprobs(ref, b, targets[sl])[0].cpu())
         returns = replay.gather(adv.returns) if adv.returns is not None else None
+        rows = _Rows(replay, targets, advantages, mask, weights, self._old_logprobs(traj, replay, targets), ref_lp,
+                     returns, old_values)
+        if alg.estimator == "trace" and alg.shrink == 1:  # trace rows replay the sampler's own states
+            rows.behaviour_lp = replay.gather(traj.behaviour_logprob)
         metrics: dict[str, float] = {}
-        for _ in range(alg.num_iterations):
+        for epoch in range(alg.num_iterations):
             if self.joint:
-                metrics = self._joint_epoch(
-                    _Rows(replay, targets, advantages, mask, weights, old_lp, ref_lp, returns, old_values))
-                continue
-            metrics = self._policy_epoch(replay, targets, advantages, mask, weights, old_lp, ref_lp)
-            if self.value_model is not None:
-                metrics.update(self._value_epoch(replay, returns, old_values, mask, weights))
-        return metrics
+                metrics = self._joint_epoch(rows)
+            else:
+                metrics = self._policy_epoch(rows)
+                if self.value_model is not None:
+                    metrics.update(self._value_epoch(replay, returns, old_values, mask, weights))
+            if epoch == 0:
+                first = {k: v for k, v in metrics.items() if k.startswith("rollout/")}
+        return {**metrics, **first}
 
-    def _old_logprobs(self, traj: Trajectory, replay: ReplayBatch, targets: torch.Tensor) -> torch.Tensor:
+    def _old_logprobs(self, traj: Trajectory, replay: ReplayBatch, targets: torch.Tensor) -> torch.Tensor | None:
+        """The log-probs the PPO ratio divides by: the sampler's own (`rollout`), or the pre-update policy's
+        (`recompute`). None = take them from the first epoch's gradient pass, which runs the pre-update weights
+        on the same rows: a separate no-grad forward would only reproduce them (TRL does the same). A model with
+        active dropout gets the separate eval-mode forward, where the two would differ."""
         if self.config.algorithm.old_logprobs == "rollout":
             return replay.gather(traj.behaviour_logprob)
-        temp = self.config.rollout.temperature
+        if not _has_dropout(self.model):
+            return None
         with torch.no_grad():
-            return self._chunked(replay, lambda b, sl: token_logprobs(self.model, b, targets[sl], temp)[0].cpu())
+            return self._chunked(replay, lambda b, sl: self._token_logprobs(self.model, b, targets[sl])[0].cpu())
 
-    def _policy_epoch(self, replay, targets, advantages, mask, weights, old_lp, ref_lp) -> dict[str, float]:
-        rows = _Rows(replay, targets, advantages, mask, weights, old_lp, ref_lp)
+    def _policy_epoch(self, rows: "_Rows") -> dict[str, float]:
+        replay, targets = rows.replay, rows.targets
         self.model.train()
         self.policy.zero_grad()
         sums: dict[str, float] = {}
@@ -337,12 +380,12 @@ class RLTrainer:
             out = self._policy_loss(rows, sl, pad, lp, ent)
             self.policy.backward(out.loss, boundary=i == len(chunks) - 1)
             if not pad:
-                _accumulate(sums, out.metrics, float(mask[sl].sum()), out.loss.item())
+                _accumulate(sums, out.metrics, float(rows.mask[sl].sum()), out.loss.item())
+        rows.old_ready = True
         grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         self.model.eval()
         return {**self._finish(sums), "grad_norm": grad_norm}
-
     def _value_epoch(self, replay, returns, old_values, mask, weights) -> dict[str, float]:
         rows = _Rows(replay, None, None, mask, weights, None, None, returns, old_values)
         self.value.zero_grad()
@@ -375,12 +418,18 @@ class RLTrainer:
             if not pad:
                 _accumulate(sums, out.metrics, float(rows.mask[sl].sum()), out.loss.item())
                 _accumulate(value_sums, value_out.metrics, float(rows.mask[sl].sum()), None)
+        rows.old_ready = True
         grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         return {**self._finish(sums), "grad_norm": grad_norm, **self._finish(value_sums)}
 
+    def _token_logprobs(self, model: DiffusionLM, batch: ReplayBatch, targets: torch.Tensor, with_entropy=False):
+        """Replay log-probs under the rollout's sampling distribution (temperature, top-k, top-p)."""
+        r = self.config.rollout
+        return token_logprobs(model, batch, targets, r.temperature, with_entropy, top_k=r.top_k, top_p=r.top_p)
+
     def _logprobs(self, batch: ReplayBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.model, batch, targets, self.config.rollout.temperature, with_entropy=True)
+        return self._token_logprobs(self.model, batch, targets, with_entropy=True)
 
     def _logprobs_and_values(self, batch: ReplayBatch, targets: torch.Tensor) -> tuple[tuple, torch.Tensor]:
         self.model.train()
@@ -390,16 +439,31 @@ class RLTrainer:
 
     def _policy_loss(self, rows: "_Rows", sl: slice, pad: bool, lp: torch.Tensor, ent: torch.Tensor
                      ) -> losses.LossOutput:
-        """The chunk's share of the policy loss; a padding chunk (see _slices) weighs nothing."""
+        """The chunk's share of the policy loss; a padding chunk (see _slices) weighs nothing.
+
+        The first epoch also measures how far the replay is from the sampler (`rollout/*`, trace rows only: they
+        replay the very states the behaviour log-probs were taken in) and, when the old log-probs come from this
+        pass, stores them for the later epochs."""
         alg, dev = self.config.algorithm, lp.device
         w = rows.weights[sl].to(dev)
-        return losses.policy_loss(
-            lp, rows.old_lp[sl].to(dev), rows.advantages[sl].to(dev), rows.mask[sl].to(dev), kind=alg.loss_type,
+        mask = rows.mask[sl].to(dev)
+        if not rows.old_ready:
+            if rows.old_lp is None:
+                rows.old_lp = torch.zeros(rows.mask.shape, dtype=torch.float32)
+                rows.own_old = True
+            if rows.own_old and not pad:
+                rows.old_lp[sl] = lp.detach().float().cpu()
+        out = losses.policy_loss(
+            lp, rows.old_lp[sl].to(dev), rows.advantages[sl].to(dev), mask, kind=alg.loss_type,
             epsilon_low=alg.epsilon, epsilon_high=alg.epsilon_high, log_ratio_clamp=alg.log_ratio_clamp,
             weights=torch.zeros_like(w) if pad else w,
             ref_logprob=None if rows.ref_lp is None else rows.ref_lp[sl].to(dev), beta=alg.beta,
             kl_kind=alg.kl_estimator, entropy=ent if alg.entropy_coef else ent.detach(), entropy_coef=alg.entropy_coef,
         )
+        if not rows.old_ready and rows.behaviour_lp is not None:
+            gap = (lp.detach().float() - rows.behaviour_lp[sl].to(dev)).abs()
+            out.metrics["rollout/logprob_gap_mean"] = (gap[mask].mean().item() if mask.any() else 0.0)
+        return out
 
     def _value_loss(self, rows: "_Rows", sl: slice, pad: bool, values: torch.Tensor) -> losses.LossOutput:
         dev = values.device
@@ -426,6 +490,30 @@ class _Rows:
     ref_lp: torch.Tensor | None
     returns: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    behaviour_lp: torch.Tensor | None = None  # the sampler's log-probs, where the rows replay its states
+    old_ready: bool = False  # old_lp holds every row (after the first epoch when it is taken from that epoch)
+    own_old: bool = False  # old_lp is being filled from the first epoch's gradient pass
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a train-mode forward differs from an eval-mode one (then old log-probs need their own forward)."""
+    cfg = getattr(model, "config", None)
+    if any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout")):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _nan_table(rows: list[list | None]) -> torch.Tensor | None:
+    """Ragged lists of floats / None -> [N, width] float32 with NaN for None and missing entries (None: no rows)."""
+    width = max((len(r) for r in rows if r is not None), default=0)
+    if not width:
+        return None
+    out = torch.full((len(rows), width), float("nan"))
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r or []):
+            if v is not None:
+                out[i, j] = v
+    return out
 
 
 def _constant_lr(_: int) -> float:

@@ -79,7 +79,8 @@ class ValueModel(nn.Module):
     def forward(self, batch: ReplayBatch) -> torch.Tensor:
         """[R, T] value of every position of the replay rows (read at the scored positions)."""
         dev = self.body.device
-        visible = None if batch.visible is None else batch.visible.to(dev)
+        visible = batch.visibility()  # packed rows: [R, T, T] built for this forward only
+        visible = None if visible is None else visible.to(dev)
         with self._active():
             hidden = self.body.hidden_states(batch.input_ids.to(dev), batch.key_padding.to(dev), visible=visible,
                                              position_ids=batch.position_ids.to(dev))

@@ -97,7 +97,7 @@ def cat_trajectories(parts: list[Trajectory]) -> Trajectory:
     values = {}
     for f in fields(Trajectory):
         vals = [getattr(t, f.name) for t in parts]
-        if f.name == "block_bounds" or not isinstance(vals[0], torch.Tensor):
+        if not isinstance(vals[0], torch.Tensor):
             values[f.name] = sum(vals) if f.name == "num_forwards" else vals[0]
         else:
             values[f.name] = torch.cat(vals)
@@ -161,8 +161,8 @@ def equivalence(out: Path, ds: str, lora: bool = False, steps: int = 1, **sectio
     rounds = []
     for _ in range(steps):
         seen, local_seen = len(grads), len(local_grads)
-        traj, prompts, texts, columns = trainer.rollout(trainer._step_rows())
-        rewards, _ = trainer.score(prompts, texts, columns, traj)
+        traj, prompts, texts, columns = trainer.rollout(trainer._step_indices())
+        rewards, _, _ = trainer.score(prompts, texts, columns, traj)
         parts = backend.all_gather_object((traj, rewards))
         metrics = trainer.learn(traj, rewards)
         trained = _trained(trainer)[0]

@@ -110,7 +110,8 @@ def test_the_trainer_reads_the_result():
         return [0.5, None, 1.0]
 
     fake = SimpleNamespace(step=7, sampler=SimpleNamespace(epoch=2), reward_fn=RewardSet([half]))
-    rewards, metrics = RLTrainer.score(fake, PROMPTS, COMPLETIONS, {"answer": [1, 2, 3]}, traj=None)
+    rewards, metrics, process = RLTrainer.score(fake, PROMPTS, COMPLETIONS, {"answer": [1, 2, 3]}, traj=None)
+    assert process is None  # no process rewards returned
     assert rewards[0] == 0.5 and torch.isnan(rewards[1]) and rewards[2] == 1.0
     assert metrics["rewards/half/mean"] == 0.75
 

@@ -47,12 +47,15 @@ def test_every_position_has_exactly_one_step(full_model):
     assert traj.unmask_step[:, :8].max() < traj.unmask_step[:, 8:].min()
 
 
-def test_block_positions_follow_absolute_blocks(block_model):
-    # prompt of 5 tokens: the first response block holds 3 positions (5, 6, 7), then 4 per block
-    traj = generate(block_model, encode(block_model, ["hello"]), RolloutConfig(max_completion_length=12, steps=12,
-                                                                              block_length=None, seed=0))
-    assert traj.block_bounds.tolist() == [5, 8, 12, 16, 17]
-    block = traj.block_of_position()
+def test_block_positions_follow_the_rows_own_blocks(block_model):
+    # prompt of 5 tokens: own positions 4..7 form block 1, so the first response block holds 3 positions (5, 6, 7)
+    # and later ones 4 each, whatever padding the batch adds
+    traj = generate(block_model, encode(block_model, ["hello", "a longer prompt"]),
+                    RolloutConfig(max_completion_length=12, steps=12, block_length=None, seed=0))
+    assert traj.block_offset.tolist() == [1, 3]  # 5 % 4, 15 % 4
+    assert traj.block_of_position()[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert traj.block_of_position()[1].tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    block = traj.block_of_position()[0]
     steps = traj.unmask_step[0]
     for b in range(block.max()):
         assert steps[block == b].max() < steps[block == b + 1].min()
@@ -117,7 +120,7 @@ def test_trajectory_save_load(tmp_path, block_model):
                                                                             block_length=None, seed=0))
     traj.save(tmp_path / "t.pt")
     back = Trajectory.load(tmp_path / "t.pt")
-    for name in ("prompt_ids", "response_ids", "unmask_step", "behaviour_logprob", "block_bounds", "group_id"):
+    for name in ("prompt_ids", "response_ids", "unmask_step", "behaviour_logprob", "block_offset", "group_id"):
         assert torch.equal(getattr(back, name), getattr(traj, name))
     assert back.num_forwards == traj.num_forwards and back.block_size == 4
 

@@ -27,6 +27,7 @@ class FamilySpec:
     mask_token_id: int
     block_size: int | None = None  # None: full bidirectional attention
     logit_shift: int = 0  # 1: raw output at i predicts token i+1 (Dream); aligned inside `logits`
+    time_conditioned: bool = False  # the backbone takes `noise_level` [B] (MDLM / SEDD sigma); None = derive it
 
 
 class DiffusionLM(nn.Module):
@@ -94,15 +95,18 @@ class DiffusionLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, L] -> position-aligned logits [B, L, V] (or [B, len(keep), V] for keep = 1D positions).
 
         attention_mask [B, L] {0,1} marks real tokens (left padding = 0). The family's attention policy applies.
+        noise_level [B]: the published sigma of time-conditioned families (MDLM, SEDD); None = derived by the
+        backbone from each row's share of masked positions. Families without time conditioning ignore it.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         bias = attention_bias(attention_mask, self.block_size, self.dtype)
-        return self._run(input_ids, attention_mask, bias, keep=keep)
+        return self._run(input_ids, attention_mask, bias, keep=keep, noise_level=noise_level)
 
     def logits_cached(
         self,
@@ -130,7 +134,8 @@ class DiffusionLM(nn.Module):
             cache.crop(-drop)
         return logits, cache
 
-    def _run(self, input_ids, key_padding, bias, keep=None, cache=None, query_start: int | None = None):
+    def _run(self, input_ids, key_padding, bias, keep=None, cache=None, query_start: int | None = None,
+             noise_level: torch.Tensor | None = None):
         """One backbone forward; returns aligned logits (and the cache when `query_start` is given)."""
         positions = positions_from_padding(key_padding)
         use_cache = query_start is not None
@@ -142,6 +147,7 @@ class DiffusionLM(nn.Module):
         if keep is not None:
             # Aligned logit i is raw output i - shift; position 0 of a shifted family reuses raw output 0.
             raw_keep = (keep - self.spec.logit_shift).clamp(min=0)
+        extra = {"noise_level": noise_level} if self.spec.time_conditioned else {}
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=bias,
@@ -149,6 +155,7 @@ class DiffusionLM(nn.Module):
             cache=cache,
             use_cache=use_cache,
             logits_to_keep=raw_keep,
+            **extra,
         )
         logits = out.logits
         if self.spec.logit_shift and keep is None:

@@ -29,7 +29,8 @@ def visibility_to_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def block_index(positions: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    """Block id of each absolute position (padded frame); one block for everything when block_size is None."""
+    """Block id of each position (a row's own positions: 0 = its first real token); 0 everywhere when block_size
+    is None."""
     if block_size is None:
         return torch.zeros_like(positions)
     return torch.div(positions, block_size, rounding_mode="floor")
@@ -41,16 +42,34 @@ def attention_bias(
     dtype: torch.dtype,
     query_start: int = 0,
 ) -> torch.Tensor:
-    """Bias for queries at absolute frame positions [query_start, K) over keys at [0, K).
+    """Bias for queries at frame columns [query_start, K) over keys at [0, K).
 
     key_padding: [B, K] {0,1}, 1 = real token. block_size None -> full bidirectional attention among real tokens;
     int -> block-causal: a query in block b sees keys in blocks <= b (bidirectional inside its own block).
+    Blocks are counted in each row's OWN positions (0 = its first real token), never in frame columns, so left
+    padding cannot move a row's block boundaries: a prompt gets the same blocks alone and in any batch.
     Returns [B, 1, K - query_start, K].
     """
-    num_keys = key_padding.shape[-1]
-    device = key_padding.device
-    key_pos = torch.arange(num_keys, device=device)
-    query_pos = key_pos[query_start:]
-    causal = block_index(key_pos, block_size)[None, :] <= block_index(query_pos, block_size)[:, None]  # [Q, K]
-    visible = causal[None] & key_padding.bool()[:, None, :]  # [B, Q, K]
-    return visibility_to_bias(visible, dtype)
+    real = key_padding.bool()
+    if block_size is None:
+        visible = real[:, None, :].expand(-1, key_padding.shape[-1] - query_start, -1)  # [B, Q, K]
+        return visibility_to_bias(visible, dtype)
+    blk = block_index(positions_from_padding(key_padding), block_size)  # [B, K]
+    causal = blk[:, None, :] <= blk[:, query_start:, None]  # [B, Q, K]
+    return visibility_to_bias(causal & real[:, None, :], dtype)
+
+
+def packed_visibility(block: torch.Tensor, noisy: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+    """Attention of packed block-diffusion rows `[prompt | clean response | noisy copies]`: [R, T, T] bool.
+
+    block [R, T] own block id of each token; noisy [R, T] bool, True for a noisy copy; key_padding [R, T] {0,1}.
+    Clean queries: block-causal over the clean tokens. A noisy token of block b: the clean tokens of blocks < b and
+    the noisy tokens of its own block b (bidirectional), i.e. exactly the context the KV-cached sampler gave it.
+    Built per forward (per micro-batch), never stored per row: it is the largest tensor of a packed replay.
+    """
+    clean = ~noisy
+    earlier_or_same = block[:, None, :] <= block[:, :, None]  # [R, Q, K]
+    clean_q = clean[:, :, None] & clean[:, None, :] & earlier_or_same
+    noisy_to_clean = noisy[:, :, None] & clean[:, None, :] & (block[:, None, :] < block[:, :, None])
+    noisy_to_self = noisy[:, :, None] & noisy[:, None, :] & (block[:, None, :] == block[:, :, None])
+    return (clean_q | noisy_to_clean | noisy_to_self) & key_padding.bool()[:, None, :]

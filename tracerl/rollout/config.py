@@ -7,6 +7,20 @@ from dataclasses import dataclass
 from tracerl.errors import UserError
 
 REMASKING = ("low_confidence", "top_margin", "entropy", "random")
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, step, prompt index, ...), mixed by splitmix64 so nearby inputs give
+    unrelated generator streams. Rollouts seed each row from what identifies it, never from its batch slot."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
 
 
 @dataclass
@@ -22,7 +36,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens holding this much probability
     top_k: int = 0  # sample among the k most likely tokens; 0 = off
     use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache
-    seed: int | None = None  # None = the global torch RNG
+    seed: int | None = None  # None = the global torch RNG; else row n samples from its own generator (row seeds)
 
     def validate(self) -> None:
         L = self.max_completion_length

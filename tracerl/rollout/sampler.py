@@ -4,6 +4,10 @@ Full-attention models (LLaDA, Dream) are sampled semi-autoregressively: the resp
 `block_length`, each block is denoised in `steps / num_blocks` steps, and every step runs the whole frame.
 Block-diffusion models (SDAR/TraDo) are sampled block by block in their own attention blocks; with the KV cache,
 a committed block is encoded once (merged into the next block's first forward) and never recomputed.
+
+Batch invariance: a row's rollout depends only on its own prompt, the policy and its seed. Positions and blocks
+are counted from the row's first real token (never from the left padding), each row keeps its own step count and,
+with row seeds, draws from its own generator; rows of a batch only share the forwards.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 
 from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM
-from tracerl.rollout.config import RolloutConfig
+from tracerl.rollout.config import RolloutConfig, derive_seed
 from tracerl.rollout.policies import choose_commits, confidence, sample_tokens, sampling_logprobs, static_schedule
 from tracerl.rollout.trajectory import Trajectory
 
@@ -31,24 +35,32 @@ def pad_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     return ids, mask
 
 
-def block_bounds(prompt_length: int, response_length: int, block: int, aligned: bool) -> torch.Tensor:
-    """[K + 1] frame positions where response blocks start (last = end of frame).
+class _Blocks:
+    """Where each row's response blocks lie, in its own coordinates.
 
-    aligned (block diffusion): blocks sit at absolute multiples of `block`, so the first one may be shared with
-    the tail of the prompt. Otherwise (semi-AR schedule) blocks start at the first response token.
+    Block j of row n covers response positions [j * B - offset_n, (j + 1) * B - offset_n) clipped to [0, L).
+    Block diffusion counts blocks from the row's first real token, so offset_n = prompt_length_n % B (the first
+    response block shares its attention block with the prompt's tail); a semi-AR schedule starts its blocks at the
+    response, offset 0. Either way a row's blocks never depend on the padding its batch gave it.
     """
-    P, L = prompt_length, response_length
-    if aligned:
-        inner = list(range((P // block + 1) * block, P + L, block))
-        return torch.tensor([P, *inner, P + L])
-    return torch.arange(P, P + L + 1, block)
+
+    def __init__(self, offset: torch.Tensor, block: int, length: int):
+        self.offset, self.block, self.length = offset, block, length  # [N], B, L
+        self.count = -(-(int(offset.max()) + length) // block) if offset.numel() else 0  # blocks of the longest row
+
+    def span(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo [N], hi [N]) response positions of block j per row (lo == hi: the row has no block j)."""
+        lo = (j * self.block - self.offset).clamp(0, self.length)
+        hi = ((j + 1) * self.block - self.offset).clamp(0, self.length)
+        return lo, hi
 
 
 class _Sampler:
     """Mutable state of one batched rollout; `run` fills the trajectory tensors."""
 
-    def __init__(self, model: DiffusionLM, ids: torch.Tensor, pmask: torch.Tensor, cfg: RolloutConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: DiffusionLM, ids: torch.Tensor, pmask: torch.Tensor, cfg: RolloutConfig,
+                 blocks: _Blocks, row_seeds: list[int] | None):
+        self.model, self.cfg, self.blocks = model, cfg, blocks
         N, P = ids.shape
         L = cfg.max_completion_length
         dev = model.device
@@ -58,79 +70,111 @@ class _Sampler:
         self.unmask_step = torch.full((N, L), -1, dtype=torch.long, device=dev)  # [N, L]
         self.logprob = torch.zeros(N, L, dtype=torch.float32, device=dev)  # [N, L]
         self.action = torch.zeros(N, L, dtype=torch.bool, device=dev)  # [N, L]
-        self.step = 0
+        self.row_step = torch.zeros(N, dtype=torch.long, device=dev)  # [N] steps each row has spent
         self.forwards = 0
+        # One generator per row makes a row's random draws its own: the same alone and in any batch. Without
+        # row seeds, one generator serves the batch (or the global RNG when cfg.seed is None).
+        self.row_generators = None if row_seeds is None else [
+            torch.Generator(device=dev).manual_seed(int(s)) for s in row_seeds]
         self.generator = None
-        if cfg.seed is not None:
+        if row_seeds is None and cfg.seed is not None:
             self.generator = torch.Generator(device=dev).manual_seed(cfg.seed)
-        self.cache = None  # block diffusion: K/V of every committed block before the current one
+        self.cache = None  # block diffusion: K/V of the frame columns that are final for every row
 
     # ---- the forwards -------------------------------------------------------------------------------------
-    def block_logits(self, start: int, end: int, block_start: int) -> torch.Tensor:
-        """Aligned logits [N, end - start, V] for the response positions [start, end) of the current block."""
+    def block_logits(self, j: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Aligned logits [N, B, V] of each row's block-j positions (row n: response lo_n + [0, B))."""
         self.forwards += 1
-        if not (self.model.block_size is not None and self.cfg.use_kv_cache):
-            keep = torch.arange(start, end, device=self.x.device)
-            return self.model.logits(self.x, self.attn, keep=keep)
-        # The chunk runs from the end of the cache to the end of the block. Whatever lies before the block in it
-        # (the prompt's complete blocks on the first forward, the block committed just before otherwise) is
-        # final, so it is kept in the cache; the noisy block itself is dropped again after the forward.
-        cached = self.cache.get_seq_length() if self.cache is not None else 0
-        logits, self.cache = self.model.logits_cached(
-            self.x[:, cached:end], self.attn[:, :end], self.cache, keep_in_cache=block_start - cached
-        )
-        return logits[:, start - cached:]
+        P, B = self.P, self.blocks.block
+        end = P + int(hi.max())
+        if self.model.block_size is not None and self.cfg.use_kv_cache:
+            # The chunk runs from the end of the cache to the end of the widest block. Frame columns before the
+            # earliest block start of any row, P + j*B - max(offset), belong to committed blocks of every row and
+            # are final: the first forward of a block adds them to the cache. A row whose block starts later
+            # has committed tokens inside the chunk; they are recomputed (exactly) at each step of the block.
+            cached = self.cache.get_seq_length() if self.cache is not None else 0
+            final = max(P + j * B - int(self.blocks.offset.max()), cached)
+            logits, self.cache = self.model.logits_cached(
+                self.x[:, cached:end], self.attn[:, :end], self.cache, keep_in_cache=final - cached)
+            first = cached
+        else:
+            first = P + int(lo.min())
+            logits = self.model.logits(self.x, self.attn, keep=torch.arange(first, end, device=self.x.device))
+        cols = (P + lo[:, None] + torch.arange(B, device=lo.device) - first).clamp(max=logits.shape[1] - 1)
+        return logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))  # [N, B, V]
 
     # ---- one block ----------------------------------------------------------------------------------------
-    def denoise_block(self, start: int, end: int, block_start: int, steps_per_block: int) -> None:
-        """Unmask response positions [start, end) (frame coordinates) until none is masked."""
-        schedule = static_schedule(end - start, steps_per_block) if self.cfg.threshold is None else []
+    def denoise_block(self, j: int, steps_per_block: int) -> None:
+        """Unmask every row's block-j positions until none is masked."""
+        lo, hi = self.blocks.span(j)
+        B = self.blocks.block
+        size = hi - lo  # [N] positions of the block per row (fewer in a partial first / last block)
+        valid = torch.arange(B, device=lo.device)[None, :] < size[:, None]  # [N, B]
+        cols = (lo[:, None] + torch.arange(B, device=lo.device)).clamp(max=self.L - 1)  # [N, B] response index
+        schedules = [static_schedule(int(n), steps_per_block) if n else [] for n in size.tolist()]
         i = 0
         while True:
-            masked = self.x[:, start:end] == self.mask_id  # [N, C]
-            if not masked.any():
+            masked = (self.x[:, self.P:].gather(1, cols) == self.mask_id) & valid  # [N, B]
+            active = masked.any(1)  # [N] rows still denoising this block
+            if not active.any():
                 break
-            logits = self.block_logits(start, end, block_start)
+            logits = self.block_logits(j, lo, hi)
             k = None
             if self.cfg.threshold is None:
                 # past the schedule (only when EOS padding changed the counts): commit everything left
-                k_val = schedule[i] if i < len(schedule) else end - start
-                k = torch.full((masked.shape[0],), k_val, device=masked.device)
-            self.commit(logits, masked, start, k)
+                k = torch.tensor([sch[i] if i < len(sch) else B for sch in schedules], device=lo.device)
+            self.commit(logits, masked, active, cols, size, k)
             i += 1
 
-    def commit(self, logits: torch.Tensor, masked: torch.Tensor, start: int, k: torch.Tensor | None) -> None:
+    def draw(self, logprobs: torch.Tensor, active: torch.Tensor, size: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [N, B], their log-probs [N, B] and the remasking confidence [N, B] of one step."""
+        cfg, greedy = self.cfg, self.cfg.temperature == 0
+        if self.row_generators is None:
+            tokens, token_lp = sample_tokens(logprobs, greedy, self.generator)
+            return tokens, token_lp, confidence(cfg.remasking, logprobs, token_lp, self.generator)
+        tokens = logprobs.argmax(-1)
+        noise = torch.zeros(tokens.shape, device=tokens.device)
+        for n in active.nonzero().flatten().tolist():  # each row draws only for its own block, from its own RNG
+            c, gen = int(size[n]), self.row_generators[n]
+            if not greedy:
+                tokens[n, :c] = torch.multinomial(logprobs[n, :c].exp(), 1, generator=gen).squeeze(-1)
+            if cfg.remasking == "random":
+                noise[n, :c] = torch.rand(c, generator=gen, device=tokens.device)
+        token_lp = logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+        conf = noise if cfg.remasking == "random" else confidence(cfg.remasking, logprobs, token_lp, None)
+        return tokens, token_lp, conf
+
+    def commit(self, logits: torch.Tensor, masked: torch.Tensor, active: torch.Tensor, cols: torch.Tensor,
+               size: torch.Tensor, k: torch.Tensor | None) -> None:
         cfg = self.cfg
-        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)  # [N, C, V]
-        tokens, token_lp = sample_tokens(logprobs, cfg.temperature == 0, self.generator)  # [N, C]
-        conf = confidence(cfg.remasking, logprobs, token_lp, self.generator)
-        pick = choose_commits(conf, masked, k, cfg.threshold)  # [N, C] bool
-        C = pick.shape[1]
-        cols = slice(start - self.P, start - self.P + C)
-        self.x[:, start:start + C] = torch.where(pick, tokens, self.x[:, start:start + C])
-        self.unmask_step[:, cols] = torch.where(pick, self.step, self.unmask_step[:, cols])
-        self.logprob[:, cols] = torch.where(pick, token_lp, self.logprob[:, cols])
-        self.action[:, cols] |= pick
+        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)  # [N, B, V]
+        tokens, token_lp, conf = self.draw(logprobs, active, size)
+        pick = choose_commits(conf, masked, k, cfg.threshold)  # [N, B] bool, inside each row's block
+        rows, slot = pick.nonzero(as_tuple=True)
+        pos = cols[rows, slot]  # response index of every committed token
+        self.x[:, self.P:][rows, pos] = tokens[rows, slot]
+        self.unmask_step[rows, pos] = self.row_step[rows]
+        self.logprob[rows, pos] = token_lp[rows, slot].float()
+        self.action[rows, pos] = True
         self.pad_after_eos()
-        self.step += 1
+        self.row_step += active.long()
 
     def pad_after_eos(self) -> None:
-        """Once an EOS is committed, every still-masked position after it becomes EOS padding (not an action)."""
+        """Once an EOS is committed, every still-masked position after it becomes EOS padding (not an action),
+        filled at the row's current step."""
         resp = self.x[:, self.P:]
         is_eos = (resp == self.eos_id) & (self.unmask_step >= 0)
         after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         fill = after & (resp == self.mask_id)
         if fill.any():
             resp[fill] = self.eos_id
-            self.unmask_step[fill] = self.step
+            self.unmask_step[fill] = self.row_step[:, None].expand_as(fill)[fill]
 
     # ---- the whole response -------------------------------------------------------------------------------
-    def run(self, bounds: torch.Tensor, block: int, steps_per_block: int) -> None:
-        aligned = self.model.block_size is not None
-        for b in range(len(bounds) - 1):
-            start, end = int(bounds[b]), int(bounds[b + 1])
-            block_start = (start // block) * block if aligned else start  # may include the prompt's tail
-            self.denoise_block(start, end, block_start, steps_per_block)
+    def run(self, steps_per_block: int) -> None:
+        for j in range(self.blocks.count):
+            self.denoise_block(j, steps_per_block)
             if not (self.x[:, self.P:] == self.mask_id).any():
                 break  # EOS padding filled the rest: no forward is spent on finished blocks
 
@@ -142,11 +186,14 @@ def generate(
     config: RolloutConfig,
     prompt_mask: torch.Tensor | None = None,
     group_id: torch.Tensor | None = None,
+    row_seeds: torch.Tensor | list[int] | None = None,
 ) -> Trajectory:
     """Denoise a response for every prompt row and record the trajectory.
 
     prompt_ids: [N, P] int64 (left-padded, with prompt_mask [N, P]) or a list of token lists.
     group_id: [N] int64, rows answering the same prompt (default: every row its own group).
+    row_seeds: [N] one seed per row: each row samples from its own generator, so its rollout is the same alone and
+    in any batch. Default: `derive_seed(config.seed, n)` for row n when config.seed is set, else the global RNG.
     """
     config.validate()
     if isinstance(prompt_ids, list):
@@ -155,19 +202,28 @@ def generate(
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
     N, P = prompt_ids.shape
     L = config.max_completion_length
-    if P + L > model.max_length:
+    longest = int(prompt_mask.long().sum(1).max()) if N else 0
+    if longest + L > model.max_length:
         raise UserError(
-            f"prompt of {P} tokens + max_completion_length {L} = {P + L} exceeds the model's maximum length "
-            f"{model.max_length} (max_position_embeddings)"
+            f"prompt of {longest} tokens + max_completion_length {L} = {longest + L} exceeds the model's maximum "
+            f"length {model.max_length} (max_position_embeddings)"
         )
+    if row_seeds is None and config.seed is not None:
+        row_seeds = [derive_seed(config.seed, n) for n in range(N)]
+    if row_seeds is not None:
+        row_seeds = [int(s) for s in torch.as_tensor(row_seeds).tolist()]
+        if len(row_seeds) != N:
+            raise ValueError(f"row_seeds has {len(row_seeds)} entries for {N} prompt rows")
     block = config.resolve_block_length(model.block_size)
-    bounds = block_bounds(P, L, block, aligned=model.block_size is not None)
+    prompt_lengths = prompt_mask.long().sum(1)  # [N]
+    offset = prompt_lengths % block if model.block_size is not None else torch.zeros_like(prompt_lengths)
+    blocks = _Blocks(offset.to(model.device), block, L)
     steps_per_block = max(1, config.steps // (L // block))
-    sampler = _Sampler(model, prompt_ids, prompt_mask, config)
+    sampler = _Sampler(model, prompt_ids, prompt_mask, config, blocks, row_seeds)
     was_training = model.training
     model.eval()
     try:
-        sampler.run(bounds, block, steps_per_block)
+        sampler.run(steps_per_block)
     finally:
         model.train(was_training)
     cpu = torch.device("cpu")
@@ -178,12 +234,13 @@ def generate(
         unmask_step=sampler.unmask_step.to(cpu),
         action_mask=sampler.action.to(cpu),
         behaviour_logprob=sampler.logprob.to(cpu),
-        block_bounds=bounds,
+        block_offset=offset.to(cpu).long(),
         group_id=(group_id if group_id is not None else torch.arange(N)).to(cpu).long(),
         num_forwards=sampler.forwards,
         mask_token_id=model.mask_token_id,
         pad_token_id=model.eos_token_id,
         eos_token_id=model.eos_token_id,
         block_size=model.block_size,
+        block_length=block,
         temperature=float(config.temperature),
     )

@@ -1,9 +1,10 @@
 """The Trajectory: what happened at every denoising step of a batch of rollouts.
 
-Coordinates: each row is `[prompt (left-padded to P) | response (L)]`, the *frame* the sampler ran on. Block
-boundaries are absolute positions in that frame, so the training replay can rebuild exactly the attention pattern
-the rollout used. Steps are global per batch: step t is the t-th denoising forward of the rollout; a row that had
-nothing to commit in a forward simply has no token with that step.
+Coordinates: each row is `[prompt (left-padded to P) | response (L)]`, the *frame* the sampler ran on. Nothing
+about a row depends on the other rows of its batch: its positions and its blocks are counted from its own first real
+token (left padding is invisible), and its steps are its own: step t of a row is the t-th denoising forward in
+which that row committed tokens (a row waiting for the rest of the batch spends no step). So a prompt's trajectory
+is the same alone and in any batch, and the training replay rebuilds exactly the states and attention it saw.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "tracerl.Trajectory/1"
+FORMAT = "tracerl.Trajectory/2"  # 2: per-row steps and blocks (1 had batch-global ones)
 
 
 @dataclass
@@ -21,16 +22,18 @@ class Trajectory:
     prompt_ids: torch.Tensor  # [N, P] int64, left-padded with pad_token_id
     prompt_mask: torch.Tensor  # [N, P] bool, True = real prompt token
     response_ids: torch.Tensor  # [N, L] int64, the committed tokens (never re-tokenised text)
-    unmask_step: torch.Tensor  # [N, L] int64, global step at which the position was filled (>= 0 everywhere)
+    unmask_step: torch.Tensor  # [N, L] int64, the row's own step at which the position was filled (>= 0)
     action_mask: torch.Tensor  # [N, L] bool, True = sampled by the policy; False = padding filled after an EOS
     behaviour_logprob: torch.Tensor  # [N, L] float32, log-prob of the committed token under its sampling dist.
-    block_bounds: torch.Tensor  # [K + 1] int64, absolute frame positions where blocks start (last = P + L)
+    block_offset: torch.Tensor  # [N] int64, response position j of row n lies in block (j + offset) // block_length
+    #   (block diffusion: the prompt's tail in the response's first block, prompt_length % block_size; else 0)
     group_id: torch.Tensor  # [N] int64, rows with equal id answer the same prompt (G samples per prompt)
     num_forwards: int  # model forwards the sampler spent on the whole batch
     mask_token_id: int
     pad_token_id: int  # the token written after an EOS (the EOS itself, as LLaDA/Dream are trained)
     eos_token_id: int
     block_size: int | None  # None = full attention (semi-AR blocks are a schedule, not an attention pattern)
+    block_length: int  # the block length the sampler walked (block_size for block diffusion)
     temperature: float  # the temperature behaviour_logprob was taken at (0 = greedy: log-prob at temperature 1)
 
     # ---- shapes ---------------------------------------------------------------------------------------------
@@ -48,7 +51,7 @@ class Trajectory:
 
     @property
     def num_steps(self) -> int:
-        """Number of global steps used (max step index + 1)."""
+        """Steps of the longest row (max step index + 1)."""
         return int(self.unmask_step.max().item()) + 1 if self.unmask_step.numel() else 0
 
     # ---- derived views --------------------------------------------------------------------------------------
@@ -90,9 +93,9 @@ class Trajectory:
         return torch.tensor([len(set(row.tolist()) - {-1}) for row in steps])
 
     def block_of_position(self) -> torch.Tensor:
-        """[L] int64, block index of each response position."""
-        pos = torch.arange(self.prompt_length, self.prompt_length + self.response_length)
-        return torch.bucketize(pos, self.block_bounds[1:], right=True)
+        """[N, L] int64, index of the response block (0 = the first) each response position was denoised in."""
+        j = torch.arange(self.response_length, device=self.block_offset.device)
+        return torch.div(j[None, :] + self.block_offset[:, None], self.block_length, rounding_mode="floor")
 
     def select(self, rows: torch.Tensor | list[int]) -> "Trajectory":
         """A trajectory holding only `rows` (for sharding or filtering)."""
@@ -100,7 +103,7 @@ class Trajectory:
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor) and f.name != "block_bounds":
+            if isinstance(v, torch.Tensor):
                 v = v[rows]
             values[f.name] = v
         return Trajectory(**values)
@@ -129,7 +132,7 @@ class Trajectory:
             items = [getattr(p, f.name) for p in parts]
             if f.name == "num_forwards":
                 values[f.name] = sum(items)
-            elif isinstance(items[0], torch.Tensor) and f.name != "block_bounds":
+            elif isinstance(items[0], torch.Tensor):
                 values[f.name] = torch.cat(items, dim=0)
             else:
                 values[f.name] = items[0]
