@@ -182,7 +182,8 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny", help="write a tiny random diffusion LM (char tokenizer) for CPU debugging")
     p.add_argument("output")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "mdlm", "sedd"],
+                   help="mdlm / sedd: the DiT of MDLM / SEDD, written in that family's published layout")
     p.add_argument("--block-size", type=int, default=None, help="block diffusion block size (default: full attention)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)

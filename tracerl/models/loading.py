@@ -25,10 +25,14 @@ hf_logging.disable_progress_bar()  # weight loading/saving bars drown TraceRL's 
 FAMILY_LOADERS: dict[str, Callable[[Path, dict, dict], DiffusionLM]] = {}
 # family name -> saver(model, path) for families whose checkpoints must keep their published layout
 FAMILY_SAVERS: dict[str, Callable[..., None]] = {}
+# config.json layouts without a `model_type` (SEDD's hydra dump): detector(config) -> family name, or None
+LAYOUT_DETECTORS: list[Callable[[dict], str | None]] = []
+# families whose published checkpoints ship no tokenizer, so load_model(tokenizer=DIR) may name one (MDLM, SEDD)
+TOKENIZER_FAMILIES: set[str] = set()
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-KNOWN_OVERRIDES = {"dtype", "device", "block_size", "mask_token_id", "trust_remote_code"}
+KNOWN_OVERRIDES = {"dtype", "device", "block_size", "mask_token_id", "trust_remote_code", "tokenizer"}
 
 
 def register_family(model_type: str) -> Callable:
@@ -79,7 +83,8 @@ def load_model(path_or_name: str, **overrides: Any) -> DiffusionLM:
     """Load a diffusion LM from a local directory.
 
     overrides: dtype ('auto' | 'bfloat16' | 'float32' | torch.dtype), device, block_size (block-diffusion families),
-    mask_token_id, trust_remote_code (for families TraceRL has no native loader for).
+    mask_token_id, trust_remote_code (for families TraceRL has no native loader for), tokenizer (a tokenizer
+    directory, for families whose published checkpoints ship none: MDLM, SEDD).
     """
     unknown = set(overrides) - KNOWN_OVERRIDES
     if unknown:
@@ -93,10 +98,15 @@ def load_model(path_or_name: str, **overrides: Any) -> DiffusionLM:
             "download the checkpoint first, e.g. with `huggingface-cli download`)"
         )
     config = read_config(path)
-    if "tracerl_diffusion" in config:
-        return _load_native(path, config, overrides)
-    model_type = config.get("model_type")
     _import_families()
+    native = "tracerl_diffusion" in config  # a directory TraceRL wrote itself
+    model_type = config.get("model_type") or _detect_layout(config)
+    if overrides.get("tokenizer") is not None and (native or model_type not in TOKENIZER_FAMILIES):
+        raise UserError(f"load_model: the `tokenizer` option is for checkpoints that ship no tokenizer "
+                        f"({', '.join(sorted(TOKENIZER_FAMILIES))}); {path} (model_type={model_type!r}) reads the "
+                        "tokenizer from its own directory")
+    if native:
+        return _load_native(path, config, overrides)
     loader = FAMILY_LOADERS.get(model_type)
     if loader is None and overrides.get("trust_remote_code") and "remote" in FAMILY_LOADERS:
         loader = FAMILY_LOADERS["remote"]
@@ -107,6 +117,11 @@ def load_model(path_or_name: str, **overrides: Any) -> DiffusionLM:
             "for a model that ships its own modeling code)"
         )
     return loader(path, config, overrides)
+
+
+def _detect_layout(config: dict) -> str | None:
+    """The family of a config.json without `model_type`, by its published layout (see LAYOUT_DETECTORS)."""
+    return next((family for detect in LAYOUT_DETECTORS if (family := detect(config))), None)
 
 
 def _load_native(path: Path, config: dict, overrides: dict) -> DiffusionLM:
@@ -142,7 +157,7 @@ def _import_families() -> None:
     """Family modules register themselves on import; importing here avoids an import cycle with base.py."""
     import importlib
 
-    for module in ("llada", "dream", "sdar", "remote"):
+    for module in ("llada", "dream", "sdar", "mdlm", "sedd", "remote"):
         try:
             importlib.import_module(f"tracerl.models.{module}")
         except ModuleNotFoundError as exc:
