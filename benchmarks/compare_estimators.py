@@ -1,19 +1,25 @@
 """Policy-gradient estimators for diffusion LMs, head to head on 4x4 Sudoku from one SFT start model.
 
     python -m tracerl.demo                                    # makes the start model outputs/sudoku/sft/final
-    python benchmarks/compare_estimators.py --jobs 2          # the README's comparison: 5 x 3 runs, ~40 min on 2 cores
+    python benchmarks/compare_estimators.py --jobs 2          # the README's comparison: 6 x 3 runs on 2 cores
     python benchmarks/compare_estimators.py --quick           # smoke run, ~2 minutes
 
 The setting is recipes/sudoku_tracerl.yaml's: 4 denoising steps for 16 cells, temperature 1, the all-or-nothing
 `solved` reward, 32 puzzles x 8 completions per RL step, learning rate 2e-4, the shipped train / held-out files.
 Every run starts from the same checkpoint, sees the same prompts in the same order (trainer.seed), spends the same
-rollouts per RL step, and stops at the same compute budget; only `algorithm` differs:
+rollouts per RL step, and stops at the same compute budget; only `algorithm` differs. The published baselines run
+with their published method settings (tracerl/estimators.py, docs/estimators.md): PPO iterations per rollout batch,
+clip range, KL coefficient, prompt masking. The learning rate is the shared one (the published ones are for LoRA
+on 8B models):
 
-  trace_s1        TraceRL: one training row per denoising step (every state the sampler visited)
-  trace_s2        TraceRL with step shrinkage s=2: 2 consecutive steps merged into one row (half the forwards)
-  trace_value     TraceRL s=1 with the diffusion value model (step-level GAE, lambda 0.5, instead of group baselines)
-  random_masking  d1 / diffu-GRPO: the completion re-masked at a random ratio, prompt tokens masked w.p. 0.15
-  coupled         DiffuCoder: a random mask and its complement (two rows per completion)
+  trace_s1     TraceRL: one training row per denoising step (every state the sampler visited)
+  trace_s2     TraceRL with step shrinkage s=2: 2 consecutive steps merged into one row (half the forwards)
+  trace_value  TraceRL s=1 with the diffusion value model (step-level GAE, lambda 0.5, instead of group baselines)
+  d1           diffu-GRPO as published: completion fully masked, prompt masked w.p. 0.15, a fresh mask per
+               iteration, 8 iterations per batch (d1's Sudoku setting), eps 0.5, beta 0.04, no std scaling
+  coupled      coupled-GRPO as published: 3 passes (all / u < t / u > t), weighted scores, leave-one-out
+               advantage, 2 iterations, eps 0.5, beta 0.01
+  wd1          wd1 as published: d1's masks, ratio-free weighted likelihood, 8 iterations (wd1's Sudoku setting)
 
 The budget clock is the process CPU time by default (`--clock cpu`, run with one thread): on a machine shared with
 other jobs it measures the work a run did, where wall time would measure the neighbours. Held-out greedy accuracy is
@@ -48,8 +54,9 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "trace_s2": {"estimator": "trace", "shrink": 2},
     "trace_value": {"estimator": "trace", "shrink": 1, "use_value_model": True, "lam": 0.5,
                     "value_learning_rate": 1e-3},
-    "random_masking": {"estimator": "random_masking", "p_mask_prompt": 0.15},
-    "coupled": {"estimator": "coupled"},
+    "d1": {"estimator": "d1", "num_iterations": 8, "epsilon": 0.5, "beta": 0.04, "p_mask_prompt": 0.15},
+    "coupled": {"estimator": "coupled", "num_iterations": 2, "epsilon": 0.5, "beta": 0.01},
+    "wd1": {"estimator": "wd1", "num_iterations": 8, "p_mask_prompt": 0.15},
 }
 RESPONSE = 16  # the 16-digit solution; no EOS needed
 

@@ -117,7 +117,8 @@ def main() -> None:
     runs = [(False, "trace", s, f"TraceRL full attention s={s}") for s in (1, 2, 4, 8)]
     runs += [(True, "trace", 1, "TraceRL block diffusion (packed) s=1"),
              (True, "trace", 2, "TraceRL block diffusion (packed) s=2"),
-             (False, "random_masking", 1, "random masking (d1)"), (False, "coupled", 1, "coupled (DiffuCoder)")]
+             (False, "d1", 1, "d1 (diffu-GRPO), one iteration"), (False, "coupled", 1, "coupled-GRPO, one iteration"),
+             (False, "wd1", 1, "wd1, one iteration")]
     for block, estimator, shrink, name in runs:
         r = measure(block, estimator, shrink, args)
         print(f"| {name} | {r['forwards']:.1f} | {r['train_seconds']:.2f} | {r['step_seconds']:.2f} | "

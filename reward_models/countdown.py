@@ -1,6 +1,8 @@
 """`countdown` reward: 1.0 if the completion's final equation reaches the target with the given numbers.
 
-Columns: `nums` or `numbers` (list of ints) and `target` (int).
+Columns: `nums` or `numbers` (a list of ints, or one string of them such as "30,100,93" or "[2, 3, 4]") and
+`target` (an int, or a string of one); d1's evaluation file (`{"input": "30,100,93", "output": "23"}`) is
+read through `input` / `output` when the usual columns are absent.
 Rules: the equation uses + - * / and parentheses over integer literals (no unary minus, no decimals, no
 other symbols); every literal must be one of the given numbers and each given number is used at most once
 (a multiset check, so [2, 2, 3] allows two 2s); exact rational arithmetic (Fraction), so 7/2*2 == 7;
@@ -130,18 +132,43 @@ def score(text: str, nums: list[int], target: int | float) -> float:
     return 1.0 if value == goal else 0.0
 
 
+def parse_numbers(value: Any, name: str) -> list[int]:
+    """A list of ints, or one string of integers separated by commas / spaces, optionally in brackets."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        parts = [p for p in re.split(r"[,\s]+", text) if p]
+        if parts and all(re.fullmatch(r"-?\d+", p) for p in parts):
+            return [int(p) for p in parts]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())
+                                                  for v in value):
+        return [int(v) for v in value]
+    raise ValueError(f"column '{name}' holds {value!r}; expected a list of integers or a string like \"30,100,93\"")
+
+
+def parse_target(value: Any, name: str) -> int | float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", value):
+        return float(value) if "." in value else int(value)
+    raise ValueError(f"column '{name}' holds {value!r}; expected a number (or a string of one, like \"23\")")
+
+
 class CountdownReward:
-    """See the module docstring. Options: nums_column (tries "nums" then "numbers"), target_column."""
+    """See the module docstring. Options: nums_column (tries "nums", "numbers", then d1's "input"),
+    target_column (tries "target", then d1's "output")."""
 
     __name__ = "countdown"
 
-    def __init__(self, nums_column: str | None = None, target_column: str = "target") -> None:
-        self.nums_columns = [nums_column] if nums_column else ["nums", "numbers"]
-        self.target_column = target_column
+    def __init__(self, nums_column: str | None = None, target_column: str | None = None) -> None:
+        self.nums_columns = [nums_column] if nums_column else ["nums", "numbers", "input"]
+        self.target_columns = [target_column] if target_column else ["target", "output"]
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         n = len(completions)
         nums = column(kwargs, self.nums_columns, "countdown", n)
-        targets = column(kwargs, [self.target_column], "countdown", n)
-        return [None if ns is None or t is None else score(completion_text(c), list(ns), t)
+        targets = column(kwargs, self.target_columns, "countdown", n)
+        nums_name = next(c for c in self.nums_columns if kwargs.get(c) is not None)
+        target_name = next(c for c in self.target_columns if kwargs.get(c) is not None)
+        return [None if ns is None or t is None else
+                score(completion_text(c), parse_numbers(ns, nums_name), parse_target(t, target_name))
                 for c, ns, t in zip(completions, nums, targets)]

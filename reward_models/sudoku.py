@@ -49,16 +49,18 @@ def score(puzzle: str, solution: str, completion: str) -> float | None:
 
 
 class SudokuReward:
-    """See the module docstring. Options: puzzle_column ("puzzle"), solution_column ("solution")."""
+    """See the module docstring. Options: puzzle_column ("puzzle", then d1's CSV header "Puzzle"),
+    solution_column ("solution", then "Solution")."""
 
     __name__ = "sudoku"
 
-    def __init__(self, puzzle_column: str = "puzzle", solution_column: str = "solution") -> None:
-        self.puzzle_column, self.solution_column = puzzle_column, solution_column
+    def __init__(self, puzzle_column: str | None = None, solution_column: str | None = None) -> None:
+        self.puzzle_columns = [puzzle_column] if puzzle_column else ["puzzle", "Puzzle"]
+        self.solution_columns = [solution_column] if solution_column else ["solution", "Solution"]
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         n = len(completions)
-        puzzles = column(kwargs, [self.puzzle_column], "sudoku", n)
-        solutions = column(kwargs, [self.solution_column], "sudoku", n)
+        puzzles = column(kwargs, self.puzzle_columns, "sudoku", n)
+        solutions = column(kwargs, self.solution_columns, "sudoku", n)
         return [None if p is None or s is None else score(digits(p, blank="."), digits(s), completion_text(c))
                 for c, p, s in zip(completions, puzzles, solutions)]

@@ -56,9 +56,9 @@ def test_first_ratio_is_one(tmp_path, monkeypatch, sampling, old, kind, iteratio
         calls.append((epoch[0], lp.detach().clone(), old_lp.detach().clone(), mask.clone()))
         return real_loss(lp, old_lp, adv, mask, **kw)
 
-    def spy_epoch(self, rows):
+    def spy_epoch(self, *args):
         epoch[0] += 1
-        return real_epoch(self, rows)
+        return real_epoch(self, *args)
 
     monkeypatch.setattr(losses, "policy_loss", spy_loss)
     monkeypatch.setattr(RLTrainer, "_policy_epoch", spy_epoch)

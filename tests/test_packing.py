@@ -53,23 +53,27 @@ def _block_at_a_time_logprobs(model, traj, batch, targets):
     start = batch.input_ids.shape[1] - L  # the noisy response is the last L columns of a packed row
     for i in range(batch.num_rows):
         n = int(batch.source_row[i])
-        prompt = traj.prompt_ids[n][traj.prompt_mask[n]]
+        prompt = batch.input_ids[i, :traj.prompt_length][traj.prompt_mask[n]]  # as shown (d1 masks some of it)
         tail = len(prompt) % B
         noisy_resp = batch.input_ids[i, start:start + L]
         for b in range(int(traj.block_of_position()[n].max()) + 1):
             lo, hi = max(0, b * B - tail), min(L, (b + 1) * B - tail)
             seq = torch.cat([prompt, traj.response_ids[n, :lo], noisy_resp[lo:hi]])[None]
             logits = model.logits(seq)[0, len(prompt):]  # [hi, V] own block-causal attention, no padding
-            lp = sampling_logprobs(logits, model.mask_token_id).gather(-1, targets[i, start:start + hi, None])
+            # the published estimators score the full vocabulary at temperature 1
+            logp = torch.log_softmax(logits, -1) if batch.published_logprob else sampling_logprobs(
+                logits, model.mask_token_id)
+            lp = logp.gather(-1, targets[i, start:start + hi, None])
             out[i, start + lo:start + hi] = lp[lo:hi, 0]
     return torch.where(batch.loss_mask, out, 0.0)
 
 
-@pytest.mark.parametrize("estimator", ["random_masking", "coupled"])
+@pytest.mark.parametrize("estimator", ["d1", "coupled"])
 def test_baseline_estimators_see_clean_context_on_block_models(block_model, estimator):
     traj = generate(block_model, encode(block_model, PROMPTS),
                     RolloutConfig(max_completion_length=12, steps=12, temperature=1.0, seed=0))
-    batch = build_replay(traj, traj.unmask_step, estimator, generator=torch.Generator().manual_seed(1))
+    batch = build_replay(traj, traj.unmask_step, estimator, p_mask_prompt=0.0 if estimator == "coupled" else 0.3,
+                         generator=torch.Generator().manual_seed(1))
     assert batch.block is not None  # packed, not the model's block-causal attention over [MASK]ed blocks
     targets = batch.targets(traj)
     packed_lp, _ = token_logprobs(block_model, batch, targets, 1.0)

@@ -44,7 +44,11 @@ def test_a_single_file_needs_no_brackets(tmp_path):
     ("trainer.max_steps=ten", "trainer.max_steps: expected an integer, got 'ten'"),
     ("optimizer.learning_rate=fast", "optimizer.learning_rate: expected a number, got 'fast'"),
     ("model.use_chat_template=maybe", "model.use_chat_template: expected true or false, got 'maybe'"),
-    ("algorithm.estimator=d1", "algorithm.estimator: 'd1' is not one of trace, random_masking, coupled"),
+    ("algorithm.estimator=d2", "algorithm.estimator: 'd2' is not one of trace, d1, coupled, wd1"),
+    ("algorithm.estimator=random_masking", "use algorithm.estimator=d1 (diffu-GRPO as published)"),
+    (("algorithm.estimator=wd1", "algorithm.loss_type=ppo"),
+     "algorithm.loss_type=ppo does not go with algorithm.estimator=wd1"),
+    (("algorithm.estimator=coupled", "algorithm.p_mask_prompt=0.1"), "coupled-GRPO never masks the prompt"),
     ("trainer.num_generations=3", "not a multiple of trainer.num_generations=3"),
     ("rollout.threshold=1.5", "rollout.threshold must lie in (0, 1]"),
     ("rollout.steps=7", "rollout.steps=7 cannot be divided over"),
@@ -55,7 +59,7 @@ def test_a_single_file_needs_no_brackets(tmp_path):
 def test_mistakes_name_the_key(tmp_path, override, message):
     path = write(tmp_path, {"rollout": {"steps": 8, "max_completion_length": 16, "block_length": 4}})
     with pytest.raises(UserError) as err:
-        load_config(path, [override])
+        load_config(path, list(override) if isinstance(override, tuple) else [override])
     assert message in str(err.value)
 
 

@@ -54,18 +54,3 @@ def test_full_attention_rows_per_shrunk_step(full_model):
     P = traj.prompt_length
     assert torch.equal(first_row[0, P:], traj.state_before(0)[0, P:])
     assert torch.equal(first_row[1, P:], traj.state_before(4)[0, P:])
-
-
-@pytest.mark.parametrize("estimator,rows_per_seq", [("random_masking", 1), ("coupled", 2)])
-def test_random_estimators(full_model, estimator, rows_per_seq):
-    traj = _rollout(full_model)
-    gen = torch.Generator().manual_seed(0)
-    batch = build_replay(traj, traj.unmask_step, estimator, p_mask_prompt=0.5, generator=gen)
-    assert batch.num_rows == rows_per_seq * traj.num_sequences
-    P = traj.prompt_length
-    scored = batch.loss_mask[:, P:]
-    assert (batch.input_ids[:, P:][scored] == traj.mask_token_id).all()  # scored tokens are masked in the input
-    assert ((batch.input_ids[:, :P] == traj.mask_token_id) & traj.prompt_mask[batch.source_row]).any()
-    if estimator == "coupled":  # a mask and its complement: every action token scored exactly once
-        per_seq = scored.view(traj.num_sequences, 2, -1).sum(1)
-        assert torch.equal(per_seq.bool(), traj.action_mask) and per_seq.max() == 1

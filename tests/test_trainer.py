@@ -148,9 +148,12 @@ def test_tracerl_learns_a_toy_reward(tmp_path, block, value):
     assert end > start + 0.15, (start, end)
 
 
-@pytest.mark.parametrize("estimator", ["random_masking", "coupled"])
-def test_other_estimators_run_under_the_same_loss(tmp_path, estimator):
-    cfg = make_config(tmp_path, False, algorithm={"estimator": estimator, "p_mask_prompt": 0.15})
-    history = RLTrainer(cfg, tiny(False), distinct_chars, ROWS).train()
+@pytest.mark.parametrize("block", [False, True])
+@pytest.mark.parametrize("estimator,rows", [("d1", 1), ("coupled", 3), ("wd1", 1)])
+def test_published_estimators_train(tmp_path, estimator, rows, block):
+    cfg = make_config(tmp_path, block, algorithm={"estimator": estimator, "num_iterations": 2},
+                      trainer={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                               "replay_batch_size": 4})
+    history = RLTrainer(cfg, tiny(block), distinct_chars, ROWS).train()
     assert len(history) == 2 and history[-1]["grad_norm"] > 0
-    assert history[-1]["trajectory/replay_forwards_per_response"] == (1 if estimator == "random_masking" else 2)
+    assert history[-1]["trajectory/replay_forwards_per_response"] == rows

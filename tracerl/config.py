@@ -58,17 +58,21 @@ class EvalConfig:
 
 @dataclass
 class AlgorithmConfig:
-    estimator: str = "trace"  # trace (TraceRL) | random_masking (d1) | coupled (DiffuCoder)
+    estimator: str = "trace"  # trace (TraceRL) | d1 (diffu-GRPO) | coupled (coupled-GRPO) | wd1 (tracerl/estimators.py)
     shrink: int = 1  # TraceRL step shrinkage s: merge every s consecutive trace steps into one training state
-    p_mask_prompt: float = 0.0  # random_masking / coupled: probability of masking each prompt token
-    loss_type: str = "ppo"  # ppo (clipped ratio) | reinforce (no ratio)
+    p_mask_prompt: float | None = None  # d1 / wd1: probability of masking each prompt token (unset: 0.15 as
+    #   published; 0 for trace and coupled)
+    loss_type: str | None = None  # ppo (clipped ratio) | reinforce (no ratio); unset: the estimator's (wd1: its own)
     epsilon: float = 0.2  # PPO clip: ratio kept in [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None = epsilon
     log_ratio_clamp: float = 20.0  # |log ratio| is clamped before exp for stability
     beta: float = 0.0  # KL coefficient against the frozen reference policy (0 = no reference model)
     kl_estimator: str = "k3"  # k1 | k2 | k3
-    loss_aggregation: str = "token-mean"  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO)
-    scale_rewards: str = "group"  # group | batch | none: divide the group-relative advantage by which std
+    loss_aggregation: str | None = None  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO) |
+    #   microbatch-token-mean (d1, coupled: sum(m l) / sum(m) per micro-batch) | microbatch-sum (wd1); unset: the
+    #   estimator's (trace: token-mean)
+    scale_rewards: str | None = None  # group | batch | none: divide the group-relative advantage by which std;
+    #   unset: the estimator's (trace: group, as TRL; d1, coupled, wd1: none, as published)
     drop_zero_std_groups: bool = False  # groups whose rewards are all equal carry no signal: drop their rows
     old_logprobs: str = "recompute"  # recompute (pre-update weights) | rollout (behaviour log-probs, trace only)
     entropy_coef: float = 0.0  # entropy bonus coefficient

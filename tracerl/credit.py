@@ -52,10 +52,12 @@ def group_advantages(
     group_id: Tensor,
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
+    baseline: str = "mean",
 ) -> tuple[Tensor, Tensor]:
     """Group-relative advantages, TRL GRPO semantics -> (advantages [N], zero_std_mask [N] bool).
 
-    A_i = R_i - mean_{g(i)} R, then
+    A_i = R_i - mean_{g(i)} R  (baseline "leave_one_out", coupled-GRPO's: R_i - mean of the OTHER rows of the
+    group = n / (n - 1) (R_i - mean), n = scored rows of the group), then
       "group": A_i / (std_{g(i)} R + eps);  "batch": A_i / (std_batch R + eps);  "none": A_i (Dr. GRPO).
     std is unbiased (torch.std). NaN rewards (unscorable) are left out of every statistic and get A = 0.
     A group with fewer than two scored rows has zero spread. zero_std_mask marks rows whose group has zero spread
@@ -77,6 +79,10 @@ def group_advantages(
     hi = torch.full_like(zeros, -torch.inf).scatter_reduce(0, inv, torch.where(finite, r0, -torch.inf), "amax")
     lo = torch.full_like(zeros, torch.inf).scatter_reduce(0, inv, torch.where(finite, r0, torch.inf), "amin")
     zero_std = ((count < 2) | (hi == lo))[inv]  # [N]
+    if baseline == "leave_one_out":
+        dev = dev * (count / (count - 1).clamp(min=1))[inv]
+    elif baseline != "mean":
+        raise ValueError(f"baseline must be 'mean' or 'leave_one_out', got {baseline!r}")
     if scale_rewards == "group":
         dev = dev / (var.sqrt()[inv] + eps)
     elif scale_rewards == "batch":
@@ -99,6 +105,28 @@ def broadcast_to_tokens(advantages: Tensor, token_mask: Tensor) -> Tensor:
     return torch.where(token_mask, a, torch.zeros_like(a))
 
 
+def wd1_weights(advantages: Tensor, group_id: Tensor, valid: Tensor | None = None) -> Tensor:
+    """wd1's sequence weights [N]: softmax over the group of A minus softmax over the group of -A.
+
+    wd1 (Tang et al. 2025; xiaohangt/wd1, rev_grpo_trainer.py) minimises sum_i (w-_i - w+_i) S_i with
+    w+ = softmax_group(A), w- = softmax_group(-A) and S_i the sequence log-likelihood, i.e. it ascends
+    sum_i (w+_i - w-_i) S_i: these weights play the advantage's part in a REINFORCE-form loss.
+    Rows outside `valid` [N] (unscored) take no part in their group's softmax and get 0.
+    """
+    a = advantages.detach().double()
+    valid = torch.ones_like(a, dtype=torch.bool) if valid is None else valid
+    _, inv = torch.unique(group_id, return_inverse=True)
+    num = int(inv.max()) + 1 if inv.numel() else 0
+
+    def group_softmax(x: Tensor) -> Tensor:
+        x = torch.where(valid, x, -torch.inf)
+        top = torch.full((num,), -torch.inf, dtype=x.dtype).scatter_reduce(0, inv, x, "amax")
+        e = torch.where(valid, torch.exp(x - top[inv]), 0.0)
+        return e / torch.zeros(num, dtype=x.dtype).index_add(0, inv, e)[inv].clamp(min=1e-300)
+
+    return (group_softmax(a) - group_softmax(-a)).to(_float_dtype(advantages))
+
+
 def grpo_advantages(
     rewards: Tensor,
     group_id: Tensor,
@@ -106,12 +134,17 @@ def grpo_advantages(
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
     drop_zero_std: bool = False,
+    baseline: str = "mean",
+    wd1: bool = False,
 ) -> Advantages:
     """GRPO token advantages [N, L] = group advantage of the row on each of its action tokens (returns None).
 
-    token_mask = action_mask & keep_mask & finite reward.
+    token_mask = action_mask & keep_mask & finite reward. wd1: the group advantages become wd1_weights.
     """
-    adv, zero_std = group_advantages(rewards, group_id, scale_rewards, eps)
+    adv, zero_std = group_advantages(rewards, group_id, scale_rewards, eps, baseline)
+    if wd1:
+        scored = torch.isfinite(rewards)
+        adv = wd1_weights(torch.where(scored, adv, 0.0), group_id, scored)
     keep = keep_mask(zero_std, drop_zero_std) & torch.isfinite(rewards)  # [N]
     token_mask = action_mask & keep[:, None]  # [N, L]
     stats = torch.stack([zero_std.float().mean(), keep.float().sum()]).tolist()  # one device sync

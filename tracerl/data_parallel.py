@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from tracerl.replay import ReplayBatch
 
 SUMMED_METRICS = ("trajectory/rows_kept", "perf/rollout_tokens_per_second")
 SLOWEST_METRICS = ("perf/rollout_seconds", "perf/train_seconds", "perf/step_seconds")
@@ -52,25 +51,25 @@ def whiten(backend: Any, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8)
     return torch.where(mask, out.to(x.dtype), torch.zeros((), dtype=x.dtype))
 
 
-def normaliser_count(mask: torch.Tensor, agg: str, replay: ReplayBatch, num_sequences: int) -> int:
-    """What losses.token_weights divides by on this rank: tokens (token-mean), sequences with tokens
-    (sequence-mean), (sequence, step) groups (step-mean), sequences (sequence-sum / constant = L x #sequences)."""
+def normaliser_count(mask: torch.Tensor, agg: str, step: torch.Tensor, num_sequences: int) -> int:
+    """What losses.token_weights divides by on this rank, in token space (mask, step [N, L]): tokens (token-mean),
+    sequences with tokens (sequence-mean), (sequence, step) groups (step-mean), sequences (sequence-sum /
+    constant = L x #sequences)."""
     if agg == "token-mean":
         return int(mask.sum())
     if agg == "sequence-mean":
-        return int(torch.unique(replay.source_row[mask.any(1)]).numel())
+        return int(mask.any(1).sum())
     if agg == "step-mean":
-        valid = mask & (replay.step_id >= 0)
-        rows = replay.source_row[:, None].expand_as(valid)[valid]
-        return int(torch.unique(torch.stack([rows, replay.step_id[valid]]), dim=1).shape[1])
+        rows = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
+        return int(torch.unique(torch.stack([rows, step[mask]]), dim=1).shape[1])
     return num_sequences
 
 
-def global_weights(backend: Any, weights: torch.Tensor, mask: torch.Tensor, agg: str, replay: ReplayBatch,
+def global_weights(backend: Any, weights: torch.Tensor, mask: torch.Tensor, agg: str, step: torch.Tensor,
                    num_sequences: int) -> torch.Tensor:
-    """Rescale this rank's token weights [R, T] from its own normaliser to the global one (every mode's weight is
+    """Rescale this rank's token weights [N, L] from its own normaliser to the global one (every mode's weight is
     1 / count x a rank-local factor, so the rescale is local count / global count)."""
-    local = torch.tensor(float(normaliser_count(mask, agg, replay, num_sequences)), dtype=torch.float64)
+    local = torch.tensor(float(normaliser_count(mask, agg, step, num_sequences)), dtype=torch.float64)
     return weights * (local / backend.all_reduce(local).clamp(min=1)).to(weights.dtype)
 
 

@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Agg = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant"]
+Agg = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant", "microbatch-token-mean",
+              "microbatch-sum"]
 KLKind = Literal["k1", "k2", "k3"]
 
 
@@ -43,6 +44,8 @@ def token_weights(
     seq_ids: Tensor | None = None,
     constant: float | None = None,
     dtype: torch.dtype = torch.float32,
+    microbatch: Tensor | None = None,
+    num_microbatches: int | None = None,
 ) -> Tensor:
     """Token weights w [R, L] over the WHOLE batch; loss = sum_j w_j l_j. Zero outside mask.
 
@@ -52,6 +55,11 @@ def token_weights(
       step-mean:      w = 1 / (#groups * |group|), group = (sequence, step), possibly spanning rows
       sequence-mean:  w = 1 / (#sequences * #tokens of the sequence)   (sequences with tokens)
       sequence-sum:   w = 1 / constant, constant = L * #sequences by default (Dr. GRPO); "constant" is an alias.
+      microbatch-token-mean:  w = 1 / (max(#tokens of the row's micro-batch, 1) * #micro-batches)   (d1, coupled:
+                      each micro-batch's loss is sum(m l) / sum(m), and gradient accumulation and data parallelism
+                      average the micro-batches; microbatch [R] gives each row's micro-batch, num_microbatches the
+                      count over every rank)
+      microbatch-sum: w = 1 / #micro-batches   (wd1: each micro-batch's loss is a plain sum)
     """
     rows, length = mask.shape
     if seq_ids is None:
@@ -71,6 +79,17 @@ def token_weights(
         step = torch.where(valid, step_ids, 0)
         size, n = _group_sizes(seq_tok * (step.amax() + 1) + step, valid)  # key = (sequence, step)
         w = 1.0 / (n * size).clamp(min=1).double()
+    elif agg in ("microbatch-token-mean", "microbatch-sum"):
+        if microbatch is None or not num_microbatches:
+            raise ValueError(f"agg={agg!r} needs microbatch and num_microbatches")
+        mb = microbatch.to(mask.device)[:, None].expand(rows, length)  # [R, L]
+        if agg == "microbatch-sum":
+            w = torch.tensor(1.0 / num_microbatches, dtype=torch.float64, device=mask.device)
+        else:
+            count = torch.zeros(int(mb.max()) + 1 if rows else 0, dtype=torch.float64, device=mask.device)
+            count = count.index_add(0, mb[mask], torch.ones(int(mask.sum()), dtype=torch.float64, device=mask.device))
+            w = 1.0 / (count.clamp(min=1)[mb] * num_microbatches)
+        valid = mask
     elif agg in ("sequence-sum", "constant"):
         c = float(constant) if constant is not None else float(length * int(seq.amax() + 1 if rows else 0))
         if c <= 0:

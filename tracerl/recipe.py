@@ -19,16 +19,17 @@ import yaml
 
 from tracerl import config as schema
 from tracerl.errors import UserError
+from tracerl.rollout.config import REMASKING
 
 CHOICES = {
-    "algorithm.estimator": ("trace", "random_masking", "coupled"),
-    "algorithm.loss_type": ("ppo", "reinforce"),
+    "algorithm.loss_type": ("ppo", "reinforce", "wd1"),
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
-    "algorithm.loss_aggregation": ("token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant"),
+    "algorithm.loss_aggregation": ("token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant",
+                                   "microbatch-token-mean", "microbatch-sum"),
     "algorithm.scale_rewards": ("group", "batch", "none"),
     "algorithm.old_logprobs": ("recompute", "rollout"),
     "reward_on_error": ("raise", "zero"),
-    "rollout.remasking": ("low_confidence", "top_margin", "entropy", "random"),
+    "rollout.remasking": REMASKING,
     "model.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
 }
 POSITIVE = ("optimizer.learning_rate", "trainer.max_steps", "trainer.num_generations",
@@ -44,6 +45,10 @@ def load_config(path: str | None, overrides: list[str] | None = None, kind: type
     for item in overrides or []:
         apply_override(raw, item)
     config = build(kind, raw, prefix="")
+    if isinstance(config, schema.RLConfig):
+        from tracerl.estimators import resolve
+
+        config.algorithm = resolve(config.algorithm)  # what the estimator fixes, filled in where left unset
     validate(config)
     return config
 
@@ -167,7 +172,7 @@ def _validate_rl(config: schema.RLConfig) -> None:
             config.rollout.resolve_block_length(None)
     except UserError as exc:
         raise UserError(f"rollout.{exc}") from None
-    if config.algorithm.num_iterations > 1 and config.algorithm.loss_type == "reinforce":
+    if config.algorithm.num_iterations > 1 and config.algorithm.loss_type == "reinforce":  # (wd1 has its own loss)
         raise UserError("algorithm.num_iterations > 1 needs algorithm.loss_type=ppo (REINFORCE has no ratio to clip "
                         "a stale policy with)")
     check_combination(config)

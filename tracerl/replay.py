@@ -1,17 +1,19 @@
 """Trajectory -> training rows ("replay"): the states the policy is evaluated on, and which tokens each scores.
 
-Estimators (all feed the same loss):
-  trace (TraceRL)  the states the sampler actually visited. Full attention: one row per (shrunk) step v, the
-                   response masked wherever unmask_step >= v, scoring the tokens of step v. Block diffusion: one
-                   packed row per *round* r (tracerl.packing): the noisy copy of block b holds the state before its
-                   r-th (shrunk) step and sees the prompt, the clean blocks < b and itself, exactly the context the
-                   KV-cached sampler gave it. A response then costs (max steps per block) / s forwards instead of
-                   one per step.
-  random_masking   d1 / diffu-GRPO: the completion masked at a random ratio t ~ U(0, 1] (each token
-                   independently), prompt tokens masked with p_mask_prompt; scores the masked completion tokens.
-  coupled          DiffuCoder: a random mask and its complement, two rows per response, so every completion token
-                   is scored exactly once.
-On block-diffusion models the random-mask estimators use the same packed layout, so a block sees clean context.
+Estimators (tracerl/estimators.py says what else each one fixes):
+  trace    TraceRL: the states the sampler actually visited. Full attention: one row per (shrunk) step v, the
+           response masked wherever unmask_step >= v, scoring the tokens of step v. Block diffusion: one packed
+           row per *round* r (tracerl.packing): the noisy copy of block b holds the state before its r-th (shrunk)
+           step and sees the prompt, the clean blocks < b and itself, exactly the context the KV-cached sampler
+           gave it. A response then costs (max steps per block) / s forwards instead of one per step.
+  d1, wd1  diffu-GRPO's one-step estimate: every completion position masked (EOS padding too), each real prompt
+           token masked with probability p_mask_prompt; one row per completion.
+  coupled  coupled-GRPO: three rows per completion (all masked; masked where u < t; masked where u > t, with one
+           t ~ U(0.2, 0.8) for the batch), the prompt clean; a token's score combines its rows with `coef`.
+On block-diffusion models the random-mask estimators use the packed layout, so a block sees clean context.
+
+A token's score is sum over the rows that score it of coef * log-prob (coef 1 and one row per token, except
+coupled), built per forward chunk in token space ([sequences, L]) by `ReplayBatch.to_tokens`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from dataclasses import dataclass, fields
 import torch
 
 from tracerl.credit import step_rank
+from tracerl.estimators import spec
 from tracerl.models.masks import positions_from_padding
 from tracerl.packing import PackedRows, pack_rows
 from tracerl.rollout.trajectory import Trajectory
 
 LOGPROB_FLOOR = -1e4  # a token outside a top-k / top-p set scores this instead of -inf (no inf in any loss term)
-
-ESTIMATORS = ("trace", "random_masking", "coupled")
+COUPLED_T_RANGE = (0.2, 0.8)  # coupled-GRPO's mask ratio t ~ U(0.2, 0.8) (ml-diffucoder coupled_grpo.py)
 
 
 @dataclass
@@ -42,6 +44,11 @@ class ReplayBatch:
     source_pos: torch.Tensor  # [R, T] int64, response index j of the token scored at a position, -1 elsewhere
     step_id: torch.Tensor  # [R, T] int64, trace step (after shrinkage) of a scored token, -1 elsewhere
     forwards_per_response: float  # training forwards spent per trajectory row
+    response_length: int  # L, the range of source_pos
+    coef: torch.Tensor | None = None  # [R, T] float32 weight of a scored log-prob in its token's score (None: 1)
+    published_logprob: bool = False  # score full-vocabulary temperature-1 log-softmax (d1, coupled, wd1)
+    whole_sequences: bool = False  # a token's score needs several rows: forward chunks keep a sequence's rows
+    target_ids: torch.Tensor | None = None  # [R, T] int64 the committed token at each scored position (0 elsewhere)
 
     @property
     def num_rows(self) -> int:
@@ -71,6 +78,25 @@ class ReplayBatch:
         """[R, T] the committed token at each scored position (0 elsewhere)."""
         return self.gather(traj.response_ids, fill=0).long()
 
+    def to_tokens(self, per_row: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row values [r, T] of THESE rows -> (sequences [k] they come from, scores [k, L], touched [k, L]).
+
+        score = sum over the rows scoring a token of coef * value (differentiable); touched marks the tokens these
+        rows score. L is the response length (source positions are response indices).
+        """
+        dev = per_row.device
+        seqs, local = torch.unique(self.source_row, return_inverse=True)  # [k], [r]
+        sel = self.loss_mask.to(dev)
+        rows = local.to(dev)[:, None].expand_as(sel)[sel]
+        pos = self.source_pos.to(dev)[sel]
+        coef = torch.ones_like(per_row) if self.coef is None else self.coef.to(dev, per_row.dtype)
+        length = self.response_length
+        scores = torch.zeros(len(seqs), length, dtype=per_row.dtype, device=dev).index_put(
+            (rows, pos), (coef * per_row)[sel], accumulate=True)
+        touched = torch.zeros(len(seqs), length, dtype=torch.bool, device=dev).index_put(
+            (rows, pos), torch.ones_like(pos, dtype=torch.bool))
+        return seqs, scores, touched
+
     def scatter(self, per_row: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """[R, T] values at scored positions -> [N, L] per trajectory token (each token is scored once)."""
         out = torch.zeros(shape, dtype=per_row.dtype)
@@ -88,13 +114,15 @@ def build_replay(
     generator: torch.Generator | None = None,
 ) -> ReplayBatch:
     """Training rows for `traj`. train_step [N, L]: each token's step after shrinkage (credit.shrink_steps)."""
+    spec(estimator)  # a clear error for an unknown (or renamed) estimator
     if estimator == "trace":
-        if traj.block_size is not None:
-            return _trace_packed(traj, train_step)
-        return _trace_rows(traj, train_step)
-    if estimator in ("random_masking", "coupled"):
-        return _random_rows(traj, estimator, p_mask_prompt, generator)
-    raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        batch = _trace_packed(traj, train_step) if traj.block_size is not None else _trace_rows(traj, train_step)
+    elif estimator == "coupled":
+        batch = _coupled_rows(traj, generator)
+    else:
+        batch = _d1_rows(traj, p_mask_prompt, generator)
+    batch.target_ids = batch.targets(traj)
+    return batch
 
 
 def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
@@ -126,6 +154,7 @@ def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
         source_pos=source_pos,
         step_id=step_id,
         forwards_per_response=len(rows) / max(traj.num_sequences, 1),
+        response_length=L,
     )
 
 
@@ -156,9 +185,9 @@ def _trace_packed(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
     return _packed_batch(packed, row_t, scored, torch.where(scored, train_step[row_t], -1), N)
 
 
-def _packed_batch(packed: PackedRows, row_t: torch.Tensor, scored: torch.Tensor, step: torch.Tensor, N: int
-                  ) -> ReplayBatch:
-    """A ReplayBatch over packed rows scoring the noisy response tokens `scored` [R, L] (step ids [R, L])."""
+def _packed_batch(packed: PackedRows, row_t: torch.Tensor, scored: torch.Tensor, step: torch.Tensor, N: int,
+                  coef: torch.Tensor | None = None) -> ReplayBatch:
+    """A ReplayBatch over packed rows scoring the noisy response tokens `scored` [R, L] (step ids, coef [R, L])."""
     R, T = packed.input_ids.shape
     L = scored.shape[1]
     cols = slice(packed.response_start, packed.response_start + L)
@@ -166,6 +195,10 @@ def _packed_batch(packed: PackedRows, row_t: torch.Tensor, scored: torch.Tensor,
     source_pos[:, cols] = torch.where(scored, torch.arange(L).expand(R, L), -1)
     step_id = torch.full((R, T), -1, dtype=torch.long)
     step_id[:, cols] = torch.where(scored, step, -1)
+    coef_t = None
+    if coef is not None:
+        coef_t = torch.zeros(R, T)
+        coef_t[:, cols] = torch.where(scored, coef, 0.0)
     return ReplayBatch(
         input_ids=packed.input_ids,
         position_ids=packed.position_ids,
@@ -177,42 +210,71 @@ def _packed_batch(packed: PackedRows, row_t: torch.Tensor, scored: torch.Tensor,
         source_pos=source_pos,
         step_id=step_id,
         forwards_per_response=R / max(N, 1),
+        response_length=L,
+        coef=coef_t,
     )
 
 
-def _random_rows(
-    traj: Trajectory, estimator: str, p_mask_prompt: float, generator: torch.Generator | None
-) -> ReplayBatch:
-    """d1's one-step estimator (one row per response) or DiffuCoder's coupled pair (two rows per response)."""
+def _masked_rows(traj: Trajectory, row_t: torch.Tensor, prompt: torch.Tensor, hide: torch.Tensor,
+                 scored: torch.Tensor, coef: torch.Tensor | None) -> ReplayBatch:
+    """Rows of the published estimators: response positions `hide` [R, L] masked, `scored` [R, L] scored with
+    weight `coef` [R, L]; `prompt` [R, P] as it is shown (possibly partly masked)."""
     N, P, L = traj.num_sequences, traj.prompt_length, traj.response_length
-    ratio = torch.rand(N, 1, generator=generator).clamp(min=1e-3)  # t ~ U(0, 1]
-    mask = torch.rand(N, L, generator=generator) < ratio  # [N, L]
-    masks = [mask] if estimator == "random_masking" else [mask, ~mask]
-    row_t = torch.arange(N).repeat_interleave(len(masks))  # rows stay ordered by trajectory row
-    resp_mask = torch.stack(masks, dim=1).reshape(-1, L) & traj.action_mask[row_t]  # only the policy's tokens
-    prompt = traj.prompt_ids[row_t].clone()
-    if p_mask_prompt > 0:
-        hide = (torch.rand(prompt.shape, generator=generator) < p_mask_prompt) & traj.prompt_mask[row_t]
-        prompt[hide] = traj.mask_token_id
-    resp = torch.where(resp_mask, traj.mask_token_id, traj.response_ids[row_t])
+    resp = torch.where(hide, traj.mask_token_id, traj.response_ids[row_t])
     if traj.block_size is not None:  # a block sees the clean blocks before it, as when it was sampled
         packed = pack_rows(prompt, traj.prompt_mask[row_t], traj.response_ids[row_t], resp, traj.block_size)
-        return _packed_batch(packed, row_t, resp_mask, torch.zeros_like(resp), N)
-    key_padding = traj.attention_mask()[row_t]
-    pos = torch.arange(L).expand(len(row_t), L)
-    source_pos = torch.cat([torch.full((len(row_t), P), -1), torch.where(resp_mask, pos, -1)], dim=1)
-    return ReplayBatch(
-        input_ids=torch.cat([prompt, resp], dim=1),
-        position_ids=positions_from_padding(key_padding),
-        key_padding=key_padding,
-        block=None,
-        noisy=None,
-        loss_mask=source_pos >= 0,
-        source_row=row_t,
-        source_pos=source_pos,
-        step_id=torch.where(source_pos >= 0, 0, -1),
-        forwards_per_response=float(len(masks)),
-    )
+        batch = _packed_batch(packed, row_t, scored, torch.zeros_like(resp), N, coef)
+    else:
+        key_padding = traj.attention_mask()[row_t]
+        pos = torch.arange(L).expand(len(row_t), L)
+        source_pos = torch.cat([torch.full((len(row_t), P), -1), torch.where(scored, pos, -1)], dim=1)
+        batch = ReplayBatch(
+            input_ids=torch.cat([prompt, resp], dim=1),
+            position_ids=positions_from_padding(key_padding),
+            key_padding=key_padding,
+            block=None,
+            noisy=None,
+            loss_mask=source_pos >= 0,
+            source_row=row_t,
+            source_pos=source_pos,
+            step_id=torch.where(source_pos >= 0, 0, -1),
+            forwards_per_response=len(row_t) / max(N, 1),
+            response_length=L,
+            coef=None if coef is None else torch.cat([torch.zeros(len(row_t), P), torch.where(scored, coef, 0.0)], 1),
+        )
+    batch.published_logprob = True
+    batch.whole_sequences = coef is not None
+    return batch
+
+
+def _d1_rows(traj: Trajectory, p_mask_prompt: float, generator: torch.Generator | None) -> ReplayBatch:
+    """d1 / wd1 (diffu-GRPO's forward_process): the whole completion masked, EOS padding included; each real prompt
+    token masked with probability p_mask_prompt (one uniform draw per position); the completion up to and including
+    its first EOS is scored."""
+    N, P, L = traj.num_sequences, traj.prompt_length, traj.response_length
+    row_t = torch.arange(N)
+    prompt = traj.prompt_ids.clone()
+    u = torch.rand(N, P + L, generator=generator)[:, :P]  # [N, P]; d1 draws one [b, P + L] matrix per call
+    prompt[(u < p_mask_prompt) & traj.prompt_mask] = traj.mask_token_id
+    hide = torch.ones(N, L, dtype=torch.bool)
+    return _masked_rows(traj, row_t, prompt, hide, traj.completion_mask(), None)
+
+
+def _coupled_rows(traj: Trajectory, generator: torch.Generator | None) -> ReplayBatch:
+    """coupled-GRPO (ml-diffucoder's forward_process + selective_log_softmax): one t ~ U(0.2, 0.8) for the batch,
+    u ~ U(0, 1) per completion position; rows per completion: everything masked, masked where u < t, masked where
+    u > t. Token score = (l_all + [u < t] l_1 / t + [u > t] l_2 / (1 - t)) / 2. The prompt is never masked."""
+    N, L = traj.num_sequences, traj.response_length
+    lo, hi = COUPLED_T_RANGE
+    t = lo + (hi - lo) * float(torch.rand(1, generator=generator))
+    u = torch.rand(N, L, generator=generator)  # [N, L]
+    passes = [torch.ones(N, L, dtype=torch.bool), u < t, u > t]  # [N, L] each
+    weights = [0.5, 0.5 / t, 0.5 / (1 - t)]
+    row_t = torch.arange(N).repeat_interleave(3)  # rows stay ordered by sequence
+    hide = torch.stack(passes, dim=1).reshape(3 * N, L)
+    coef = torch.tensor(weights).repeat(N)[:, None].expand(3 * N, L)
+    scored = hide & traj.completion_mask()[row_t]
+    return _masked_rows(traj, row_t, traj.prompt_ids[row_t], hide, scored, coef)
 
 
 def replay_logits(model, batch: ReplayBatch, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +294,8 @@ def token_logprobs(
     """log pi(target | row state) at every scored position: ([R, T] float32, 0 elsewhere; entropy [R, T] or None).
 
     pi is the distribution the sampler draws from (temperature, top-k, top-p, `[MASK]` excluded: one formula,
-    `sampling_logprobs`), so the first PPO ratio is exactly 1. A target outside the current top-k / top-p set
+    `sampling_logprobs`), so the first PPO ratio is exactly 1; the published estimators' rows score the full
+    vocabulary at temperature 1 instead, as their papers' code does. A target outside the current top-k / top-p set
     scores LOGPROB_FLOOR. Only the columns some row scores go through the LM head: the vocabulary projection is
     the largest activation in the step, and most columns of a replay row are context.
     """
@@ -241,7 +304,10 @@ def token_logprobs(
     temperature = temperature if temperature > 0 else 1.0
     cols = batch.loss_mask.any(0).nonzero().flatten()  # [K]
     logits = replay_logits(model, batch, keep=cols)  # [R, K, V]
-    logp_all = sampling_logprobs(logits, model.mask_token_id, temperature, top_k, top_p)  # [R, K, V]
+    if batch.published_logprob:  # d1 / coupled / wd1 as their code scores: full vocabulary, temperature 1
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+    else:
+        logp_all = sampling_logprobs(logits, model.mask_token_id, temperature, top_k, top_p)  # [R, K, V]
     picked = logp_all.gather(-1, targets[:, cols, None].to(logits.device)).squeeze(-1)  # [R, K]
     picked = picked.clamp(min=LOGPROB_FLOOR)
     dev = picked.device

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -33,11 +33,15 @@ from tracerl.data import PromptSampler, columns_of
 from tracerl.distributed import Backend, LocalBackend
 from tracerl.ds_config import EngineSpec
 from tracerl.errors import UserError
+from tracerl.estimators import resolve as resolve_estimator
+from tracerl.estimators import spec as estimator_spec
 from tracerl.models.base import DiffusionLM
 from tracerl.peft_utils import keep_requires_grad
 from tracerl.replay import ReplayBatch, build_replay, token_logprobs
 from tracerl.rollout import Trajectory, generate
 from tracerl.rollout.config import derive_seed
+
+REPLAY_STREAM = 0x5E9  # keeps the replay's random masks apart from the rollouts' seeds
 from tracerl.rollout.display import completions as decode_completions
 from tracerl.tracking import MetricsLogger
 from tracerl.value import ValueModel
@@ -53,6 +57,7 @@ class RLTrainer:
         backend: Backend | None = None,
         eval_rows: Sequence[dict[str, Any]] | None = None,
     ):
+        config = replace(config, algorithm=resolve_estimator(config.algorithm))  # unset estimator settings filled
         self.config, self.model, self.reward_fn, self.rows = config, model, reward_fn, train_rows
         self.eval_rows = eval_rows  # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
         self.backend = backend or LocalBackend()
@@ -201,13 +206,12 @@ class RLTrainer:
               ) -> dict[str, float]:
         """Everything after scoring: credit -> replay -> update, on this rank's trajectories (rewards [N], process
         rewards [N, T] per own step or None)."""
-        tr, alg = self.config.trainer, self.config.algorithm
+        alg = self.config.algorithm
         block = traj.block_of_position() if traj.block_size is not None else None  # [N, L]
         train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, alg.shrink, block)
-        gen = torch.Generator().manual_seed(tr.seed * 7919 + self.step + 100_003 * self.backend.rank)
-        replay = build_replay(traj, train_step, alg.estimator, alg.p_mask_prompt, gen)
+        replay = self._replay(traj, train_step, iteration=0)
         adv, old_values = self.assign_credit(traj, rewards, train_step, replay, process)
-        update_metrics = self.update(traj, replay, adv, old_values)
+        update_metrics = self.update(traj, train_step, replay, adv, old_values)
         self.step += 1
         return {**adv.metrics, **update_metrics,
                 "trajectory/replay_forwards_per_response": replay.forwards_per_response}
@@ -274,9 +278,11 @@ class RLTrainer:
         coef = alg.process_reward_coef if process is not None else 0.0
         if self.value_model is None:
             global_std = alg.scale_rewards == "batch" and self.backend.world_size > 1
+            est = estimator_spec(alg.estimator)
             adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask,
                                          "none" if global_std else alg.scale_rewards,
-                                         drop_zero_std=alg.drop_zero_std_groups)
+                                         drop_zero_std=alg.drop_zero_std_groups, baseline=est.baseline,
+                                         wd1=alg.loss_type == "wd1")
             if global_std:  # groups are rank-local, the batch is not: divide by the std over every rank's rewards
                 adv.advantages = adv.advantages / (dp.global_std(self.backend, rewards) + dp.BATCH_STD_EPS)
             if coef:
@@ -287,9 +293,7 @@ class RLTrainer:
                 adv.token_mask = adv.token_mask | (traj.action_mask & torch.isfinite(process).any(1)[:, None])
                 adv.advantages = torch.where(adv.token_mask, adv.advantages + coef * extra, 0.0)
             return adv, None
-        with torch.no_grad():
-            old_values = self._chunked(replay, lambda b, sl: self.value_model(b).float().cpu())  # [R, T]
-        values = replay.scatter(old_values, traj.response_ids.shape)  # [N, L]
+        values = self._token_pass(replay, traj.num_sequences, lambda b, sl: self.value_model(b))  # [N, L]
         scorable = torch.isfinite(rewards)
         outcome = torch.where(scorable, rewards, torch.zeros_like(rewards))
         steps = None if not coef else coef * torch.nan_to_num(process, nan=0.0)
@@ -300,17 +304,30 @@ class RLTrainer:
         if alg.whiten_advantages:
             adv.advantages = (credit.whiten(adv.advantages, adv.token_mask) if self.backend.world_size == 1
                               else dp.whiten(self.backend, adv.advantages, adv.token_mask))
-        return adv, old_values
+        return adv, values
 
     # ---- update ---------------------------------------------------------------------------------------------
     def _micro_slices(self, replay: ReplayBatch) -> list[slice]:
         """Forward-sized row ranges: the rows of each micro-batch of `per_device_train_batch_size` completions,
-        cut into pieces of at most `replay_batch_size` rows. Gradients accumulate over all of them."""
+        cut into pieces of at most `replay_batch_size` rows (never inside a sequence when a token's score needs
+        several rows). Gradients accumulate over all of them."""
         tr = self.config.trainer
         firsts = torch.arange(0, int(replay.source_row.max()) + 1, tr.per_device_train_batch_size)
         starts = torch.searchsorted(replay.source_row, firsts).tolist() + [replay.num_rows]
         size = tr.replay_batch_size or replay.num_rows
-        return [slice(a, min(a + size, b)) for s, b in zip(starts[:-1], starts[1:]) for a in range(s, b, size)]
+        if not replay.whole_sequences:
+            return [slice(a, min(a + size, b)) for s, b in zip(starts[:-1], starts[1:]) for a in range(s, b, size)]
+        seq_starts = torch.searchsorted(replay.source_row, torch.unique(replay.source_row)).tolist()
+        out = []
+        for s, b in zip(starts[:-1], starts[1:]):
+            cuts = [c for c in seq_starts if s <= c < b] + [b]
+            first = cuts[0]
+            for c, nxt in zip(cuts[:-1], cuts[1:]):
+                if nxt - first > size and c > first:  # the next sequence would not fit: close the piece
+                    out.append(slice(first, c))
+                    first = c
+            out.append(slice(first, b))
+        return out
 
     def _slices(self, replay: ReplayBatch) -> list[tuple[slice, bool]]:
         """(slice, is_padding) pairs: the micro slices, padded with repeats up to the largest count over ranks.
@@ -318,89 +335,123 @@ class RLTrainer:
         same number; a padding chunk is run with zero loss weight and its outputs are dropped."""
         return dp.pad_to_largest(self.backend, self._micro_slices(replay))
 
-    def _chunked(self, replay: ReplayBatch, fn: Callable[[ReplayBatch, slice], torch.Tensor]) -> torch.Tensor:
-        """Run `fn(rows, slice)` over the micro-batches and concatenate: [R, T]."""
-        outs = [(fn(replay.slice(sl), sl), pad) for sl, pad in self._slices(replay)]
-        return torch.cat([out for out, pad in outs if not pad], dim=0)
+    def _token_pass(self, replay: ReplayBatch, num_sequences: int,
+                    fn: Callable[[ReplayBatch, slice], torch.Tensor]) -> torch.Tensor:
+        """A no-grad pass `fn(rows, slice) -> [r, T]` over the replay, in token space: [N, L] scores (CPU)."""
+        out = torch.zeros(num_sequences, replay.response_length)
+        with torch.no_grad():
+            for sl, pad in self._slices(replay):
+                batch = replay.slice(sl)
+                values = fn(batch, sl)
+                if not pad:
+                    seqs, scores, _ = batch.to_tokens(values.float(), num_sequences)
+                    out.index_add_(0, seqs.cpu(), scores.detach().cpu())
+        return out
 
-    def update(self, traj: Trajectory, replay: ReplayBatch, adv: credit.Advantages,
+    def _replay(self, traj: Trajectory, train_step: torch.Tensor, iteration: int) -> ReplayBatch:
+        """The training rows of PPO iteration `iteration` (the published estimators draw fresh masks each time)."""
+        alg, tr = self.config.algorithm, self.config.trainer
+        seed = derive_seed(tr.seed, REPLAY_STREAM, self.step, iteration, self.backend.rank)
+        return build_replay(traj, train_step, alg.estimator, alg.p_mask_prompt, torch.Generator().manual_seed(seed))
+
+    def update(self, traj: Trajectory, train_step: torch.Tensor, replay: ReplayBatch, adv: credit.Advantages,
                old_values: torch.Tensor | None) -> dict[str, float]:
-        """`num_iterations` PPO epochs over the replay rows (policy, then value model)."""
-        alg = self.config.algorithm
-        targets = replay.targets(traj)
-        advantages = replay.gather(adv.advantages)
-        mask = replay.loss_mask & replay.gather(adv.token_mask.float()).bool()
+        """`num_iterations` PPO epochs (policy, then value model), every loss term in token space [N, L]."""
+        alg, tr = self.config.algorithm, self.config.trainer
+        est = estimator_spec(alg.estimator)
+        N = traj.num_sequences
+        replays = [replay] + [self._replay(traj, train_step, j) if est.fresh_masks else replay
+                              for j in range(1, alg.num_iterations)]
+        loss_mask = traj.completion_mask() if est.completion_loss_mask else traj.action_mask
+        mask = loss_mask & adv.token_mask  # [N, L]
+        microbatch = torch.arange(N) // tr.per_device_train_batch_size
         # weights over the WHOLE batch: micro-batches then sum to exactly the full-batch loss
-        weights = losses.token_weights(mask, alg.loss_aggregation, replay.step_id, replay.source_row,
-                                       constant=float(traj.response_length * traj.num_sequences))
-        if self.backend.world_size > 1:  # ... and over ALL ranks
-            weights = dp.global_weights(self.backend, weights, mask, alg.loss_aggregation, replay, traj.num_sequences)
-        ref_lp = None
-        if alg.beta > 0:
-            with torch.no_grad(), self._reference() as ref:
-                ref_lp = self._chunked(replay, lambda b, sl: self._token_logprobs(ref, b, targets[sl])[0].cpu())
-        returns = replay.gather(adv.returns) if adv.returns is not None else None
-        rows = _Rows(replay, targets, advantages, mask, weights, self._old_logprobs(traj, replay, targets), ref_lp,
-                     returns, old_values)
+        weights = losses.token_weights(mask, alg.loss_aggregation, torch.where(mask, train_step, -1), None,
+                                       constant=float(traj.response_length * N), microbatch=microbatch,
+                                       num_microbatches=tr.gradient_accumulation_steps * self.backend.world_size)
+        if self.backend.world_size > 1 and not alg.loss_aggregation.startswith("microbatch"):  # ... and all ranks
+            weights = dp.global_weights(self.backend, weights, mask, alg.loss_aggregation, train_step, N)
+        state = _UpdateState(mask=mask, advantages=adv.advantages, weights=weights, returns=adv.returns,
+                             old_values=old_values)
+        state.ref = self._reference_scores(traj, replays) if alg.beta > 0 else None
+        state.old = self._old_scores(traj, replays)
         if alg.estimator == "trace" and alg.shrink == 1:  # trace rows replay the sampler's own states
-            rows.behaviour_lp = replay.gather(traj.behaviour_logprob)
+            state.behaviour = traj.behaviour_logprob
         metrics: dict[str, float] = {}
-        for epoch in range(alg.num_iterations):
+        for epoch, rows in enumerate(replays):
+            state.epoch = epoch
             if self.joint:
-                metrics = self._joint_epoch(rows)
+                metrics = self._joint_epoch(rows, state)
             else:
-                metrics = self._policy_epoch(rows)
+                metrics = self._policy_epoch(rows, state)
                 if self.value_model is not None:
-                    metrics.update(self._value_epoch(replay, returns, old_values, mask, weights))
+                    metrics.update(self._value_epoch(rows, state))
             if epoch == 0:
                 first = {k: v for k, v in metrics.items() if k.startswith("rollout/")}
         return {**metrics, **first}
 
-    def _old_logprobs(self, traj: Trajectory, replay: ReplayBatch, targets: torch.Tensor) -> torch.Tensor | None:
-        """The log-probs the PPO ratio divides by: the sampler's own (`rollout`), or the pre-update policy's
-        (`recompute`). None = take them from the first epoch's gradient pass, which runs the pre-update weights
-        on the same rows: a separate no-grad forward would only reproduce them (TRL does the same). A model with
-        active dropout gets the separate eval-mode forward, where the two would differ."""
-        if self.config.algorithm.old_logprobs == "rollout":
-            return replay.gather(traj.behaviour_logprob)
-        if not _has_dropout(self.model):
-            return None
-        with torch.no_grad():
-            return self._chunked(replay, lambda b, sl: self._token_logprobs(self.model, b, targets[sl])[0].cpu())
+    def _reference_scores(self, traj: Trajectory, replays: list[ReplayBatch]) -> list[torch.Tensor]:
+        """The reference policy's token scores [N, L] for each epoch's rows (one pass per distinct replay)."""
+        out: dict[int, torch.Tensor] = {}
+        with self._reference() as ref:
+            for rows in replays:
+                if id(rows) not in out:
+                    out[id(rows)] = self._token_pass(rows, traj.num_sequences, lambda b, sl: self._token_logprobs(
+                        ref, b, b.target_ids)[0])
+        return [out[id(rows)] for rows in replays]
 
-    def _policy_epoch(self, rows: "_Rows") -> dict[str, float]:
-        replay, targets = rows.replay, rows.targets
+    def _old_scores(self, traj: Trajectory, replays: list[ReplayBatch]) -> list[torch.Tensor | None]:
+        """The scores the PPO ratio divides by, per epoch: the sampler's own log-probs (`rollout`), or the
+        pre-update policy's (`recompute`). None = take them from the first epoch's gradient pass, which runs the
+        pre-update weights on the same rows: a separate no-grad forward would only reproduce them (TRL does the
+        same). Later epochs on fresh masks (d1, coupled) get theirs now, before any update, as published; a model
+        with active dropout gets a separate eval-mode forward for the first epoch too. wd1 has no ratio."""
+        alg = self.config.algorithm
+        if alg.loss_type == "wd1":
+            return [None] * len(replays)
+        if alg.old_logprobs == "rollout":
+            return [traj.behaviour_logprob] * len(replays)
+        out: list[torch.Tensor | None] = []
+        for epoch, rows in enumerate(replays):
+            if rows is replays[0] and not (epoch == 0 and _has_dropout(self.model)):
+                out.append(out[0] if epoch else None)  # the first epoch's (filled in by its gradient pass)
+                continue
+            out.append(self._token_pass(rows, traj.num_sequences, lambda b, sl: self._token_logprobs(
+                self.model, b, b.target_ids)[0]))
+        return out
+
+    def _policy_epoch(self, replay: ReplayBatch, state: "_UpdateState") -> dict[str, float]:
         self.model.train()
         self.policy.zero_grad()
         sums: dict[str, float] = {}
         chunks = self._slices(replay)
         for i, (sl, pad) in enumerate(chunks):
             batch = replay.slice(sl)
-            lp, ent = self.policy.run(lambda: self._logprobs(batch, targets[sl]))
-            out = self._policy_loss(rows, sl, pad, lp, ent)
+            lp, ent = self.policy.run(lambda: self._logprobs(batch))
+            out, tokens = self._policy_loss(state, batch, pad, lp, ent)
             self.policy.backward(out.loss, boundary=i == len(chunks) - 1)
             if not pad:
-                _accumulate(sums, out.metrics, float(rows.mask[sl].sum()), out.loss.item())
-        rows.old_ready = True
+                _accumulate(sums, out.metrics, tokens, out.loss.item())
+        state.first_epoch_done()
         grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         self.model.eval()
         return {**self._finish(sums), "grad_norm": grad_norm}
-    def _value_epoch(self, replay, returns, old_values, mask, weights) -> dict[str, float]:
-        rows = _Rows(replay, None, None, mask, weights, None, None, returns, old_values)
+
+    def _value_epoch(self, replay: ReplayBatch, state: "_UpdateState") -> dict[str, float]:
         self.value.zero_grad()
         sums: dict[str, float] = {}
         chunks = self._slices(replay)
         for i, (sl, pad) in enumerate(chunks):
             batch = replay.slice(sl)
-            out = self._value_loss(rows, sl, pad, self.value.run(lambda: self.value_model(batch)))
+            out, tokens = self._value_loss(state, batch, pad, self.value.run(lambda: self.value_model(batch)))
             self.value.backward(out.loss, boundary=i == len(chunks) - 1)
             if not pad:
-                _accumulate(sums, out.metrics, float(mask[sl].sum()), None)
+                _accumulate(sums, out.metrics, tokens, None)
         self.value.step(self.config.optimizer.max_grad_norm)
         return self._finish(sums)
 
-    def _joint_epoch(self, rows: "_Rows") -> dict[str, float]:
+    def _joint_epoch(self, replay: ReplayBatch, state: "_UpdateState") -> dict[str, float]:
         """Policy and LoRA value adapter in one engine: ONE backward of (policy + value loss) per chunk, then one
         step (one clipping norm over both). Every backward must touch every trained parameter: ZeRO-3 overwrites
         its gradient buffers on the first backward of a step and (with offload) hands them to the optimizer on the
@@ -408,17 +459,17 @@ class RLTrainer:
         self.policy.zero_grad()
         sums: dict[str, float] = {}
         value_sums: dict[str, float] = {}
-        chunks = self._slices(rows.replay)
+        chunks = self._slices(replay)
         for i, (sl, pad) in enumerate(chunks):
-            batch = rows.replay.slice(sl)
-            (lp, ent), values = self.policy.run(lambda: self._logprobs_and_values(batch, rows.targets[sl]))
-            out = self._policy_loss(rows, sl, pad, lp, ent)
-            value_out = self._value_loss(rows, sl, pad, values)
+            batch = replay.slice(sl)
+            (lp, ent), values = self.policy.run(lambda: self._logprobs_and_values(batch))
+            out, tokens = self._policy_loss(state, batch, pad, lp, ent)
+            value_out, _ = self._value_loss(state, batch, pad, values)
             self.policy.backward(out.loss + value_out.loss.to(out.loss.device), boundary=i == len(chunks) - 1)
             if not pad:
-                _accumulate(sums, out.metrics, float(rows.mask[sl].sum()), out.loss.item())
-                _accumulate(value_sums, value_out.metrics, float(rows.mask[sl].sum()), None)
-        rows.old_ready = True
+                _accumulate(sums, out.metrics, tokens, out.loss.item())
+                _accumulate(value_sums, value_out.metrics, tokens, None)
+        state.first_epoch_done()
         grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         return {**self._finish(sums), "grad_norm": grad_norm, **self._finish(value_sums)}
@@ -428,48 +479,53 @@ class RLTrainer:
         r = self.config.rollout
         return token_logprobs(model, batch, targets, r.temperature, with_entropy, top_k=r.top_k, top_p=r.top_p)
 
-    def _logprobs(self, batch: ReplayBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._token_logprobs(self.model, batch, targets, with_entropy=True)
+    def _logprobs(self, batch: ReplayBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._token_logprobs(self.model, batch, batch.target_ids, with_entropy=True)
 
-    def _logprobs_and_values(self, batch: ReplayBatch, targets: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    def _logprobs_and_values(self, batch: ReplayBatch) -> tuple[tuple, torch.Tensor]:
         self.model.train()
-        policy = self._logprobs(batch, targets)
+        policy = self._logprobs(batch)
         self.model.eval()  # the value model reads the policy's modules in eval mode, as in _value_epoch
         return policy, self.value_model(batch)
 
-    def _policy_loss(self, rows: "_Rows", sl: slice, pad: bool, lp: torch.Tensor, ent: torch.Tensor
-                     ) -> losses.LossOutput:
-        """The chunk's share of the policy loss; a padding chunk (see _slices) weighs nothing.
-
-        The first epoch also measures how far the replay is from the sampler (`rollout/*`, trace rows only: they
-        replay the very states the behaviour log-probs were taken in) and, when the old log-probs come from this
-        pass, stores them for the later epochs."""
-        alg, dev = self.config.algorithm, lp.device
-        w = rows.weights[sl].to(dev)
-        mask = rows.mask[sl].to(dev)
-        if not rows.old_ready:
-            if rows.old_lp is None:
-                rows.old_lp = torch.zeros(rows.mask.shape, dtype=torch.float32)
-                rows.own_old = True
-            if rows.own_old and not pad:
-                rows.old_lp[sl] = lp.detach().float().cpu()
+    def _policy_loss(self, state: "_UpdateState", batch: ReplayBatch, pad: bool, lp: torch.Tensor,
+                     ent: torch.Tensor) -> tuple[losses.LossOutput, float]:
+        """This chunk's share of the policy loss, in token space (a padding chunk weighs nothing), and the number
+        of tokens it scored. The first epoch also measures how far the replay is from the sampler (`rollout/*`,
+        trace rows only) and, when the old scores come from this pass, stores them for the later epochs."""
+        alg = self.config.algorithm
+        N = state.mask.shape[0]
+        seqs, lp_tok, touched = batch.to_tokens(lp, N)  # [k], [k, L], [k, L]
+        dev, idx = lp_tok.device, seqs.cpu()
+        ent_tok = _mean_over_rows(batch, ent, N)
+        m = state.mask[idx].to(dev) & touched
+        old = state.old[state.epoch]
+        if old is None and alg.loss_type != "wd1":  # the first epoch's own scores (see _old_scores)
+            old = state.fill_old(idx, lp_tok.detach(), touched)
+        w = state.weights[idx].to(dev)
+        ref = None if state.ref is None else state.ref[state.epoch][idx].to(dev)
         out = losses.policy_loss(
-            lp, rows.old_lp[sl].to(dev), rows.advantages[sl].to(dev), mask, kind=alg.loss_type,
+            lp_tok, None if old is None else old[idx].to(dev), state.advantages[idx].to(dev), m,
+            kind="reinforce" if alg.loss_type in ("reinforce", "wd1") else "ppo",
             epsilon_low=alg.epsilon, epsilon_high=alg.epsilon_high, log_ratio_clamp=alg.log_ratio_clamp,
-            weights=torch.zeros_like(w) if pad else w,
-            ref_logprob=None if rows.ref_lp is None else rows.ref_lp[sl].to(dev), beta=alg.beta,
-            kl_kind=alg.kl_estimator, entropy=ent if alg.entropy_coef else ent.detach(), entropy_coef=alg.entropy_coef,
+            weights=torch.zeros_like(w) if pad else w, ref_logprob=ref, beta=alg.beta, kl_kind=alg.kl_estimator,
+            entropy=ent_tok if alg.entropy_coef else ent_tok.detach(), entropy_coef=alg.entropy_coef,
         )
-        if not rows.old_ready and rows.behaviour_lp is not None:
-            gap = (lp.detach().float() - rows.behaviour_lp[sl].to(dev)).abs()
-            out.metrics["rollout/logprob_gap_mean"] = (gap[mask].mean().item() if mask.any() else 0.0)
-        return out
+        if state.epoch == 0 and state.behaviour is not None and m.any():
+            gap = (lp_tok.detach() - state.behaviour[idx].to(dev)).abs()
+            out.metrics["rollout/logprob_gap_mean"] = gap[m].mean().item()
+        return out, float(m.sum())
 
-    def _value_loss(self, rows: "_Rows", sl: slice, pad: bool, values: torch.Tensor) -> losses.LossOutput:
-        dev = values.device
-        w = rows.weights[sl].to(dev)
-        return losses.value_loss(values, rows.old_values[sl].to(dev), rows.returns[sl].to(dev), rows.mask[sl].to(dev),
-                                 self.config.algorithm.value_clip, weights=torch.zeros_like(w) if pad else w)
+    def _value_loss(self, state: "_UpdateState", batch: ReplayBatch, pad: bool, values: torch.Tensor
+                    ) -> tuple[losses.LossOutput, float]:
+        N = state.mask.shape[0]
+        seqs, v_tok, touched = batch.to_tokens(values.float(), N)
+        dev, idx = v_tok.device, seqs.cpu()
+        m = state.mask[idx].to(dev) & touched
+        w = state.weights[idx].to(dev)
+        out = losses.value_loss(v_tok, state.old_values[idx].to(dev), state.returns[idx].to(dev), m,
+                                self.config.algorithm.value_clip, weights=torch.zeros_like(w) if pad else w)
+        return out, float(m.sum())
 
     def _finish(self, sums: dict[str, float]) -> dict[str, float]:
         """Token-weighted means over every rank's chunks (the loss: the sum of the ranks' shares)."""
@@ -478,21 +534,43 @@ class RLTrainer:
 
 # ---- small helpers --------------------------------------------------------------------------------------------
 @dataclass
-class _Rows:
-    """The per-row tensors one update epoch reads, [R, T] each on the CPU (None where a path needs none)."""
+class _UpdateState:
+    """What the update epochs read, in token space [N, L] on the CPU (None where a path needs none)."""
 
-    replay: ReplayBatch
-    targets: torch.Tensor | None
-    advantages: torch.Tensor | None
-    mask: torch.Tensor
-    weights: torch.Tensor
-    old_lp: torch.Tensor | None
-    ref_lp: torch.Tensor | None
-    returns: torch.Tensor | None = None
-    old_values: torch.Tensor | None = None
-    behaviour_lp: torch.Tensor | None = None  # the sampler's log-probs, where the rows replay its states
-    old_ready: bool = False  # old_lp holds every row (after the first epoch when it is taken from that epoch)
-    own_old: bool = False  # old_lp is being filled from the first epoch's gradient pass
+    mask: torch.Tensor  # [N, L] bool, tokens in the loss
+    advantages: torch.Tensor  # [N, L]
+    weights: torch.Tensor  # [N, L] loss weights over the whole batch (losses.token_weights)
+    returns: torch.Tensor | None = None  # [N, L] value targets
+    old_values: torch.Tensor | None = None  # [N, L] values before the update
+    old: list[torch.Tensor | None] | None = None  # per epoch [N, L]; None = from the first epoch's gradient pass
+    ref: list[torch.Tensor] | None = None  # per epoch [N, L] reference scores
+    behaviour: torch.Tensor | None = None  # [N, L] the sampler's log-probs, where the rows replay its states
+    epoch: int = 0
+
+    pending: torch.Tensor | None = None  # [N, L] the first epoch's own scores, filled chunk by chunk
+
+    def fill_old(self, seqs: torch.Tensor, scores: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
+        """Record the first epoch's detached scores of these tokens as the old scores; returns the [N, L] table."""
+        if self.pending is None:
+            self.pending = torch.zeros_like(self.advantages, dtype=torch.float32)
+        mask = touched.cpu()
+        self.pending[seqs[:, None].expand_as(mask)[mask], mask.nonzero()[:, 1]] = scores.float().cpu()[mask]
+        return self.pending
+
+    def first_epoch_done(self) -> None:
+        """Epochs that replay the first epoch's rows divide by the scores it recorded."""
+        if self.pending is not None and self.old is not None:
+            self.old = [self.pending if o is None else o for o in self.old]
+
+
+def _mean_over_rows(batch: ReplayBatch, per_row: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[r, T] per-row values -> [k, L] mean over the rows scoring each token (entropy of a coupled token)."""
+    if batch.coef is None:
+        return batch.to_tokens(per_row, num_sequences)[1]
+    plain = ReplayBatch(**{**vars(batch), "coef": None})
+    _, total, _ = plain.to_tokens(per_row, num_sequences)
+    _, count, _ = plain.to_tokens(torch.ones_like(per_row), num_sequences)
+    return total / count.clamp(min=1)
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:

@@ -64,5 +64,20 @@ def test_evaluate_is_exact_and_reports_literals():
 def test_columns_and_not_applicable():
     out = CountdownReward()(None, ["<answer>1+2</answer>"] * 2, numbers=[[1, 2], None], target=[3, 3])
     assert out == [1.0, None]  # "numbers" is accepted as the column name; a missing row is not applicable
-    with pytest.raises(ValueError, match="needs a 'nums' or 'numbers' column"):
+    with pytest.raises(ValueError, match="needs a 'nums' or 'numbers' or 'input' column"):
         CountdownReward()(None, ["1"], target=[1])
+
+
+def test_d1_published_forms():
+    """d1's evaluation file stores the numbers as one string and the target as a string, under input / output
+    (dataset/countdown_cd3_test.jsonl: {"input": "30,100,93", "output": "23"}); its training data has nums as a
+    list. Both score as published; a malformed value names the column and the expected form."""
+    from reward_models import RewardError, RewardSet
+
+    rs = RewardSet(["countdown"])
+    done = rs(["p", "p"], ["<answer>100-93+30</answer>", "<answer>30+93</answer>"],
+              input=["30,100,93", "30,100,93"], output=["37", "37"])
+    assert done.total.tolist() == [1.0, 0.0]
+    assert rs(["p"], ["<answer>2*4-3</answer>"], nums=["[2, 3, 4]"], target=[5]).total.tolist() == [1.0]
+    with pytest.raises(RewardError, match=r"column 'nums' holds 'a,b'; expected a list of integers"):
+        rs(["p"], ["x"], nums=["a,b"], target=[3])

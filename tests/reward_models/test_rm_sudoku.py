@@ -70,5 +70,15 @@ def test_list_forms_dot_blanks_and_not_applicable():
 def test_wrong_size_and_missing_column_are_errors():
     with pytest.raises(ValueError, match="16 or 81 digits"):
         reward(None, ["1"], puzzle=["123"], solution=["123"])
-    with pytest.raises(ValueError, match="needs a 'solution' column"):
+    with pytest.raises(ValueError, match="needs a 'solution' or 'Solution' column"):
         reward(None, ["1"], puzzle=[PUZ4])
+
+
+def test_d1_csv_columns():
+    """d1's 4x4_test_sudoku.csv has the header `Puzzle,Solution` and 16-digit strings with '0' for empty cells."""
+    from reward_models import RewardSet
+
+    rs = RewardSet(["sudoku"])
+    out = rs(["p"], ["<answer>3142243142131324</answer>"], Puzzle=["3102200002100320"],
+             Solution=["3142243142131324"])
+    assert out.total.tolist() == [1.0]
