@@ -44,7 +44,7 @@ def test_d1_loss_by_hand():
     lp = torch.tensor([[ln(.5), ln(.25), ln(.9)], [ln(.6), ln(.3), ln(.12)]])
     old = torch.tensor([[ln(.5), ln(.5), ln(.1)], [ln(.4), ln(.3), ln(.2)]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    w = losses.token_weights(mask, "microbatch-token-mean", microbatch=torch.tensor([0, 0]), num_microbatches=1)
+    w = losses.token_weights(mask, "microbatch-token-mean", microbatch=torch.tensor([0, 0]))
     out = losses.policy_loss(lp, old, adv[:, None].expand(2, 3), mask, epsilon_low=0.2, weights=w)
     assert out.loss.item() == pytest.approx(0.18, abs=1e-6)  # (-0.5 - 0.25 + 0.75 + 0.5 + 0.4) / 5
     ref = lp.clone()
@@ -62,7 +62,7 @@ def test_coupled_advantage_and_loss_by_hand():
     a = credit.group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), "none", baseline="leave_one_out")[0]
     lp = torch.tensor([[0.0, ln(2)], [ln(0.4), 0.0]])
     mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
-    w = losses.token_weights(mask, "microbatch-token-mean", microbatch=torch.tensor([0, 0]), num_microbatches=1)
+    w = losses.token_weights(mask, "microbatch-token-mean", microbatch=torch.tensor([0, 0]))
     out = losses.policy_loss(lp, torch.zeros(2, 2), a[:, None].expand(2, 2), mask, epsilon_low=0.5, weights=w)
     assert out.loss.item() == pytest.approx(-2 / 3, abs=1e-6)  # (-1 - 1.5 + 0.5) / 3
 
@@ -77,8 +77,7 @@ def test_wd1_weights_and_loss_by_hand():
     # sequence sums S = [-2, -5, -3] (row 0: [-1, -1, -7] with the post-EOS -7 masked out)
     lp = torch.tensor([[-1.0, -1.0, -7.0], [-5.0, 0.0, 0.0], [-3.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
-    weights = losses.token_weights(mask, "microbatch-sum", microbatch=torch.zeros(3, dtype=torch.long),
-                                   num_microbatches=1)
+    weights = losses.token_weights(mask, "microbatch-sum", microbatch=torch.zeros(3, dtype=torch.long))
     out = losses.policy_loss(lp, None, w[:, None].expand(3, 3), mask, kind="reinforce", weights=weights)
     assert out.loss.item() == pytest.approx(-0.9604700, abs=1e-6)
     # two groups in one batch: the softmax is per group, the loss the sum of the two groups' losses
@@ -180,16 +179,16 @@ def test_trainer_loss_equals_the_published_equations(tmp_path, monkeypatch, name
     )
     trainer = RLTrainer(cfg, model, lambda prompts, completions, **kw: [0.0] * len(completions), PROMPTS)
     epochs = []
-    real_epoch = RLTrainer._policy_epoch
+    real_epoch = RLTrainer._epoch
 
-    def spy(self, replay, state):
+    def spy(self, trainable, objectives, replay, state):
         before = copy.deepcopy(self.model)
-        out = real_epoch(self, replay, state)
+        out = real_epoch(self, trainable, objectives, replay, state)
         epochs.append((before, out["loss"]))
         return out
 
-    monkeypatch.setattr(RLTrainer, "_policy_epoch", spy)
-    traj, _, _, _ = trainer.rollout([0, 1])
+    monkeypatch.setattr(RLTrainer, "_epoch", spy)
+    traj = trainer.sample_and_score([0, 1]).traj
     # EOS at different places, so micro-batches hold different token counts (their normalisation shows)
     for n, end in ((0, 3), (2, 6)):
         traj.response_ids[n, end:] = traj.eos_token_id

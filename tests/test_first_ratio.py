@@ -9,6 +9,7 @@ the first epoch's own, so it holds bit for bit. Later epochs must divide by the 
 import pytest
 import torch
 
+from tests.rollout.test_published_samplers import sharpened
 from tracerl import losses
 from tracerl.config import AlgorithmConfig, OptimizerConfig, RLConfig, TrainerConfig
 from tracerl.models import build_tiny_model
@@ -50,7 +51,7 @@ def family(kind: str) -> DiffusionLM:
 def test_first_ratio_is_one(tmp_path, monkeypatch, sampling, old, kind, iterations):
     calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     epoch = [-1]
-    real_loss, real_epoch = losses.policy_loss, RLTrainer._policy_epoch
+    real_loss, real_epoch = losses.policy_loss, RLTrainer._epoch
 
     def spy_loss(lp, old_lp, adv, mask, **kw):
         calls.append((epoch[0], lp.detach().clone(), old_lp.detach().clone(), mask.clone()))
@@ -61,7 +62,7 @@ def test_first_ratio_is_one(tmp_path, monkeypatch, sampling, old, kind, iteratio
         return real_epoch(self, *args)
 
     monkeypatch.setattr(losses, "policy_loss", spy_loss)
-    monkeypatch.setattr(RLTrainer, "_policy_epoch", spy_epoch)
+    monkeypatch.setattr(RLTrainer, "_epoch", spy_epoch)
     cfg = RLConfig(
         rollout=RolloutConfig(max_completion_length=8, steps=4, block_length=None if kind == "block" else 4,
                               **SAMPLING[sampling]),
@@ -88,3 +89,33 @@ def test_first_ratio_is_one(tmp_path, monkeypatch, sampling, old, kind, iteratio
     if iterations > 1 and sampling != "greedy":  # greedy groups are identical: no spread, no update
         moved = max((torch.exp(c[1] - c[2]) - 1)[c[3]].abs().max().item() for c in calls if c[0] == iterations - 1)
         assert moved > 1e-4
+
+
+@pytest.mark.parametrize("arch,remasking", [("mdlm", "mdlm_ancestral"), ("sedd", "sedd_euler"),
+                                            ("sedd", "sedd_analytic")])
+@pytest.mark.parametrize("value", [False, True])
+def test_first_ratio_is_one_for_the_published_samplers(tmp_path, monkeypatch, arch, remasking, value):
+    """MDLM / SEDD sampled as their papers do: the replay feeds each state the sigma the sampler fed (the
+    trajectory's noise_level), so the behaviour log-probs replay exactly, with and without the value model."""
+    calls = []
+    real_loss = losses.policy_loss
+
+    def spy_loss(lp, old_lp, adv, mask, **kw):
+        calls.append(torch.exp(lp.detach() - old_lp)[mask])
+        return real_loss(lp, old_lp, adv, mask, **kw)
+
+    monkeypatch.setattr(losses, "policy_loss", spy_loss)
+    # sharpened weights and time conditioning on: the sigma fed to the network changes its output
+    model = sharpened(arch, seed=3, time_conditioning=True if arch == "mdlm" else None)
+    cfg = RLConfig(
+        rollout=RolloutConfig(max_completion_length=8, steps=4, block_length=8, remasking=remasking),
+        algorithm=AlgorithmConfig(old_logprobs="rollout", use_value_model=value),
+        optimizer=OptimizerConfig(learning_rate=1e-2),
+        trainer=TrainerConfig(max_steps=1, num_generations=2, per_device_train_batch_size=4, output_dir=str(tmp_path)),
+    )
+    trainer = RLTrainer(cfg, model, char_code_reward, ROWS)
+    batch = trainer.sample_and_score([0, 1])
+    assert batch.traj.noise_level is not None
+    trainer.learn(batch.traj, batch.rewards)
+    ratios = torch.cat(calls)
+    assert ratios.numel() > 0 and (ratios - 1).abs().max() < 1e-5

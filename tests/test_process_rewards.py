@@ -62,8 +62,8 @@ def _trainer(tmp_path, reward, **algorithm):
 
 
 def _credit(trainer):
-    traj, prompts, texts, columns = trainer.rollout([0])
-    rewards, metrics, process = trainer.score(prompts, texts, columns, traj)
+    batch = trainer.sample_and_score([0])
+    traj, rewards, metrics, process = batch.traj, batch.rewards, batch.metrics, batch.process
     train_step = traj.unmask_step  # shrink 1
     adv, _ = trainer.assign_credit(traj, rewards, train_step, build_replay(traj, train_step), process)
     return traj, rewards, process, adv, metrics
@@ -119,9 +119,8 @@ def test_a_process_reward_that_does_not_fit_the_sample_names_reward_and_sample(t
         return [0.0, ProcessReward(outcome=0.0, steps=[0.0] * 99)]
 
     trainer = _trainer(tmp_path, too_long)
-    traj, prompts, texts, columns = trainer.rollout([0])
     with pytest.raises(RewardError, match=r"reward 'too_long' at sample 1: returned 99 step rewards"):
-        trainer.score(prompts, texts, columns, traj)
+        trainer.sample_and_score([0])
 
 
 def test_a_trl_reward_returning_floats_is_unchanged():

@@ -61,13 +61,13 @@ def test_gradient_accumulation_invariance(tmp_path, block):
 def test_first_ratio_is_one_with_rollout_logprobs(tmp_path):
     cfg = make_config(tmp_path, True, algorithm={"old_logprobs": "rollout", "num_iterations": 2})
     trainer = RLTrainer(cfg, tiny(True), distinct_chars, ROWS)
-    seen, real = [], trainer._policy_epoch
+    seen, real = [], trainer._epoch
 
     def spy(*args):
         seen.append(real(*args))
         return seen[-1]
 
-    trainer._policy_epoch = spy
+    trainer._epoch = spy
     trainer.train_step()
     assert seen[0]["policy/ratio_max"] == pytest.approx(1.0, abs=1e-4)  # replay == rollout states
     assert seen[0]["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)

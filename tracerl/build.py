@@ -19,7 +19,8 @@ def build_model(model_cfg: ModelConfig, peft: PeftSection | None = None, path: s
     """Load `path` (default model.path): a model directory, a TraceRL checkpoint, or a LoRA adapter directory."""
     source = resolve_checkpoint(path or model_cfg.path, key="model.path")
     options = dict(dtype=model_cfg.dtype, device=model_cfg.device, block_size=model_cfg.block_size,
-                   mask_token_id=model_cfg.mask_token_id, trust_remote_code=model_cfg.trust_remote_code)
+                   mask_token_id=model_cfg.mask_token_id, trust_remote_code=model_cfg.trust_remote_code,
+                   tokenizer=model_cfg.tokenizer)
     if (source / "adapter_config.json").is_file():
         from tracerl.peft_utils import load_adapter
 

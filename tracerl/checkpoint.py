@@ -36,7 +36,9 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(trainer: Any) -> Path:
-    """Collective under DeepSpeed: every rank calls it (engine shards, gathered weights); rank 0 writes the rest."""
+    """Collective under DeepSpeed: every rank calls it (engine shards, gathered weights); rank 0 writes the rest.
+
+    `trainer` provides: step, config, backend, state_dict(), engines(), and the policy for save_weights."""
     tr, backend = trainer.config.trainer, trainer.backend
     final = Path(tr.output_dir) / f"checkpoint-{trainer.step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -46,14 +48,14 @@ def save_checkpoint(trainer: Any) -> Path:
     backend.barrier()  # the directory exists before any rank writes into it
     save_weights(trainer, tmp / "model")
     if backend.engine_checkpoints:
-        trainer.policy.save(tmp / "deepspeed", "policy")
-        if trainer.value is not None and trainer.value is not trainer.policy:
-            trainer.value.save(tmp / "deepspeed", "value")
-        torch.save(_rng_state(), tmp / f"rng_state_{backend.rank}.pt")
+        for name, engine in trainer.engines().items():
+            engine.save(tmp / "deepspeed", name)
+        torch.save(rng_state(), tmp / f"rng_state_{backend.rank}.pt")
     if backend.is_main:
-        torch.save(_training_state(trainer), tmp / "training_state.pt")
-        meta = {"step": trainer.step, "sampler": trainer.sampler.state_dict(), "world_size": backend.world_size,
-                "deepspeed": backend.engine_checkpoints}
+        state = trainer.state_dict()
+        torch.save(state, tmp / "training_state.pt")
+        meta = {"step": state["step"], "sampler": state["sampler"], "world_size": backend.world_size,
+                "deepspeed": backend.engine_checkpoints}  # for people and for `latest`; the state is in the .pt
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     backend.barrier()  # every shard is written before the rename makes the checkpoint visible
     if backend.is_main:
@@ -74,29 +76,18 @@ def save_weights(trainer: Any, path: Path) -> None:
             save_lora(model, path) if is_lora(model) else model.save_pretrained(path)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _training_state(trainer: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {"scheduler": trainer.scheduler.state_dict(), "rng": _rng_state()}
-    if trainer.backend.engine_checkpoints:
-        return state  # optimizer, value model and their states live in the engine checkpoints
-    state["optimizer"] = trainer.optimizer.state_dict()
-    if trainer.value_model is not None:
-        state["value_model"] = trainer.value_model.checkpoint_state()
-        state["value_optimizer"] = trainer.value_optimizer.state_dict()
-    return state
 
 
 def _prune(root: Path, limit: int | None) -> None:
@@ -125,46 +116,41 @@ def resume_if_asked(trainer: Any) -> None:
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
     meta = json.loads((path / "trainer_state.json").read_text())
+    backend = trainer.backend
     written_by_ds = bool(meta.get("deepspeed", False))
-    if written_by_ds != trainer.backend.engine_checkpoints:
+    if written_by_ds != backend.engine_checkpoints:
         how = "under DeepSpeed" if written_by_ds else "without DeepSpeed"
         raise UserError(f"{path} was written {how}; resume it the same way (its model/ directory can start a new "
                         "run as model.path)")
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     if written_by_ds:
-        _load_engines(trainer, path, meta)
+        if int(meta.get("world_size", 1)) != backend.world_size:
+            raise UserError(f"{path} was written by {meta.get('world_size')} ranks; resume it with the same number "
+                            f"(this run has {backend.world_size})")
+        engines = trainer.engines()
+        if "value" in engines and not (path / "deepspeed/value").is_dir():
+            raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")
+        for name, engine in engines.items():
+            engine.load(path / "deepspeed", name)
+        set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", map_location="cpu", weights_only=False))
     else:
-        _load_local(trainer, path, state)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.step = int(meta["step"])
-    trainer.sampler.load_state_dict(meta["sampler"])
+        _load_weights(trainer.model, path / "model")
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    state.setdefault("step", meta["step"])  # checkpoints before the state held them
+    state.setdefault("sampler", meta["sampler"])
+    if "critic" not in state and "value_model" in state:
+        state["critic"] = {"model": state["value_model"], "optimizer": state["value_optimizer"]}
+    try:
+        trainer.load_state_dict(state)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
-def _load_engines(trainer: Any, path: Path, meta: dict[str, Any]) -> None:
-    backend = trainer.backend
-    if int(meta.get("world_size", 1)) != backend.world_size:
-        raise UserError(f"{path} was written by {meta.get('world_size')} ranks; resume it with the same number "
-                        f"(this run has {backend.world_size})")
-    if trainer.value is not None and trainer.value is not trainer.policy and not (path / "deepspeed/value").is_dir():
-        raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")
-    trainer.policy.load(path / "deepspeed", "policy")
-    if trainer.value is not None and trainer.value is not trainer.policy:
-        trainer.value.load(path / "deepspeed", "value")
-    _set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", map_location="cpu", weights_only=False))
-
-
-def _load_local(trainer: Any, path: Path, state: dict[str, Any]) -> None:
+def _load_weights(model: Any, directory: Path) -> None:
+    """Single process: the checkpoint's policy weights (or LoRA adapter) into the live model."""
     from tracerl.models import load_model
 
-    if (path / "model" / ADAPTER_CONFIG).is_file():
-        load_adapter_weights(trainer.model, path / "model")
+    if (directory / ADAPTER_CONFIG).is_file():
+        load_adapter_weights(model, directory)
     else:
-        saved = load_model(str(path / "model"), dtype=trainer.model.dtype, device=str(trainer.model.device))
-        trainer.model.backbone.load_state_dict(saved.backbone.state_dict())
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if trainer.value_model is not None:
-        if "value_model" not in state:
-            raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")
-        trainer.value_model.load_checkpoint_state(state["value_model"])
-        trainer.value_optimizer.load_state_dict(state["value_optimizer"])
-    _set_rng_state(state["rng"])
+        saved = load_model(str(directory), dtype=model.dtype, device=str(model.device))
+        model.backbone.load_state_dict(saved.backbone.state_dict())

@@ -18,7 +18,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: max-completion-length)")
     p.add_argument("--block-length", type=int, default=None, help="semi-AR block length (default: the model's "
                    "block_size, or the whole response)")
-    p.add_argument("--remasking", default="low_confidence", help="low_confidence | top_margin | entropy | random")
+    p.add_argument("--remasking", default="low_confidence", help="low_confidence | top_margin | entropy | random | "
+                   "mdlm_ancestral | sedd_euler | sedd_analytic (the published samplers)")
     p.add_argument("--threshold", type=float, default=None, help="dynamic unmasking: commit every token whose "
                    "confidence exceeds it (0 < threshold <= 1)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -78,19 +79,21 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tracerl.build import build_model, build_rewards, make_backend
+    import os
+
+    from tracerl.api import train_from_recipe
+    from tracerl.build import build_rewards
     from tracerl.data import load_rows
     from tracerl.recipe import load_config
-    from tracerl.trainer import RLTrainer
 
     config = load_config(args.recipe, args.overrides)
     rows = load_rows(config.data, "train")  # data and rewards fail before the model loads
     rewards = build_rewards(config)
-    backend = make_backend(config, args.local_rank)
     eval_rows = load_rows(config.data, "eval") if config.trainer.eval_steps else None
-    model = build_model(config.model, config.peft)
-    history = RLTrainer(config, model, rewards, rows, backend=backend, eval_rows=eval_rows).train()
-    if history and backend.is_main:
+    if args.local_rank is not None:  # the deepspeed launcher's --local_rank=N: the API reads it from LOCAL_RANK
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    history = train_from_recipe(config, rewards, rows, eval_rows)
+    if history and int(os.environ.get("RANK", "0")) == 0:
         last = history[-1]
         print(f"done: {len(history)} steps, last reward {last['reward']:.4f}; checkpoints in "
               f"{config.trainer.output_dir}")

@@ -17,6 +17,7 @@ class ModelConfig:
     block_size: int | None = None  # block-diffusion families: override the checkpoint's block size
     mask_token_id: int | None = None  # override the checkpoint's [MASK] id
     trust_remote_code: bool = False  # families TraceRL has no native loader for
+    tokenizer: str | None = None  # a tokenizer directory, for checkpoints published without one (MDLM, SEDD: GPT-2's)
     use_chat_template: bool = False  # format prompts with the tokenizer's chat template (instruct models)
     system_prompt: str | None = None  # prepended as a system message when use_chat_template is on
 

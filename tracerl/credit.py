@@ -20,12 +20,31 @@ Everything here is bookkeeping, not differentiated: inputs are detached.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
+from tracerl.steps import dense_rank as _dense_rank
+from tracerl.steps import step_rank  # noqa: F401  (re-exported: credit.step_rank)
+
 ScaleRewards = Literal["group", "batch", "none"]
+AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the data-parallel ranks (the identity on one process)
+
+
+def no_reduce(t: Tensor) -> Tensor:
+    return t
+
+
+def masked_mean_var(x: Tensor, mask: Tensor, all_reduce: AllReduce = no_reduce) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, unbiased variance, count) of x[mask] over every rank, in two passes (the rule every batch-wide
+    normalisation uses: batch-scaled advantages, whitened GAE advantages, batch-scaled process rewards)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    sums = all_reduce(torch.stack([torch.where(mask, x, zero).sum(), mask.sum().to(x.dtype)]))
+    n = sums[1]
+    mean = sums[0] / n.clamp(min=1)
+    var = all_reduce(torch.where(mask, (x - mean) ** 2, zero).sum()) / (n - 1).clamp(min=1)
+    return mean, var, n
 
 
 @dataclass
@@ -53,13 +72,15 @@ def group_advantages(
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
     baseline: str = "mean",
+    all_reduce: AllReduce = no_reduce,
 ) -> tuple[Tensor, Tensor]:
     """Group-relative advantages, TRL GRPO semantics -> (advantages [N], zero_std_mask [N] bool).
 
     A_i = R_i - mean_{g(i)} R  (baseline "leave_one_out", coupled-GRPO's: R_i - mean of the OTHER rows of the
     group = n / (n - 1) (R_i - mean), n = scored rows of the group), then
       "group": A_i / (std_{g(i)} R + eps);  "batch": A_i / (std_batch R + eps);  "none": A_i (Dr. GRPO).
-    std is unbiased (torch.std). NaN rewards (unscorable) are left out of every statistic and get A = 0.
+    std is unbiased (torch.std); the batch std is over every rank's rewards (`all_reduce`, groups themselves never
+    straddle ranks). NaN rewards (unscorable) are left out of every statistic and get A = 0.
     A group with fewer than two scored rows has zero spread. zero_std_mask marks rows whose group has zero spread
     (max == min, exact, so float noise in the mean cannot hide it); their advantage is exactly 0 in every mode.
     """
@@ -86,9 +107,7 @@ def group_advantages(
     if scale_rewards == "group":
         dev = dev / (var.sqrt()[inv] + eps)
     elif scale_rewards == "batch":
-        n = finite.sum()
-        batch_mean = r0.sum() / n.clamp(min=1)
-        batch_var = torch.where(finite, r0 - batch_mean, 0.0).pow(2).sum() / (n - 1).clamp(min=1)
+        _, batch_var, _ = masked_mean_var(r0, finite, all_reduce)
         dev = dev / (batch_var.sqrt() + eps)
     adv = torch.where(finite & ~zero_std, dev, torch.zeros_like(dev))  # [N]
     return adv, zero_std
@@ -136,12 +155,13 @@ def grpo_advantages(
     drop_zero_std: bool = False,
     baseline: str = "mean",
     wd1: bool = False,
+    all_reduce: AllReduce = no_reduce,
 ) -> Advantages:
     """GRPO token advantages [N, L] = group advantage of the row on each of its action tokens (returns None).
 
     token_mask = action_mask & keep_mask & finite reward. wd1: the group advantages become wd1_weights.
     """
-    adv, zero_std = group_advantages(rewards, group_id, scale_rewards, eps, baseline)
+    adv, zero_std = group_advantages(rewards, group_id, scale_rewards, eps, baseline, all_reduce)
     if wd1:
         scored = torch.isfinite(rewards)
         adv = wd1_weights(torch.where(scored, adv, 0.0), group_id, scored)
@@ -188,7 +208,7 @@ def process_advantages(
     action_mask: Tensor,
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
-    batch_std: float | None = None,
+    all_reduce: AllReduce = no_reduce,
 ) -> Tensor:
     """Group-relative advantages from per-step (process) rewards -> [N, L] (0 off the action tokens).
 
@@ -198,8 +218,8 @@ def process_advantages(
     and a token committed at (training) step t gets the sum over its row's steps from t on:
         A_j = sum_{u >= t_j} r~_{i,u}.
     process [N, T]: reward of each row's own step u (NaN = none given for that step; entries past a row's last step
-    must be NaN). scale_rewards as in group_advantages ("batch": batch_std, or the std of every given reward in this
-    batch; "none": no division). train_step [N, L]: a merged (shrunk) group starts at its first step, so its tokens
+    must be NaN). scale_rewards as in group_advantages ("batch": the std of every given reward on every rank;
+    "none": no division). train_step [N, L]: a merged (shrunk) group starts at its first step, so its tokens
     get the rewards of every step it merges.
     """
     dtype = _float_dtype(process)
@@ -215,10 +235,8 @@ def process_advantages(
         std = (zeros.index_add(0, inv, (dev * dev).sum(1)) / (count - 1).clamp(min=1)).sqrt()[inv][:, None]
         dev = torch.where(std > 0, dev / (std + eps), torch.zeros_like(dev))  # no spread: no signal (not 0 / 0)
     elif scale_rewards == "batch":
-        if batch_std is None:
-            flat = p[given]
-            batch_std = float(flat.std()) if flat.numel() > 1 else 0.0
-        dev = dev / (batch_std + eps) if batch_std > 0 else torch.zeros_like(dev)
+        batch_std = masked_mean_var(p0, given, all_reduce)[1].sqrt()
+        dev = torch.where(batch_std > 0, dev / (batch_std + eps), torch.zeros_like(dev))
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     # return-to-go over steps; column T (past every step) is 0
@@ -228,42 +246,6 @@ def process_advantages(
 
 
 # ---- step ranks and shrinkage ---------------------------------------------------------------------------------
-
-
-def _dense_rank(steps: Tensor, mask: Tensor, segment: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Rank the distinct masked steps inside each segment (vectorised: one sort over composite keys).
-
-    steps, mask, segment: [N, L]; segment >= 0 is the bucket whose steps are ranked together (a row, or a
-    (row, block) pair). Returns (uniq [U] sorted keys, inv [N, L] index into uniq, rank [U] rank of each key in
-    its segment, start [U] index of the segment's first key, span scalar) with key = segment * span + step.
-    Unmasked positions all share one sentinel key past every real one; their entries are meaningless.
-    """
-    steps = steps.long()
-    if bool((mask & (steps < 0)).any()):  # a negative step would fall into the previous segment's keys
-        raise ValueError("action positions must have non-negative steps")
-    span = torch.where(mask, steps, torch.zeros_like(steps)).amax() + 1  # scalar, > every masked step
-    sentinel = (segment.amax() + 1) * span
-    key = torch.where(mask, segment * span + steps, sentinel)  # [N, L]
-    uniq, inv = torch.unique(key.flatten(), sorted=True, return_inverse=True)  # [U], [N*L]
-    seg = uniq // span  # [U]
-    pos = torch.arange(uniq.numel(), device=uniq.device)  # [U]
-    is_start = torch.ones_like(seg, dtype=torch.bool)
-    is_start[1:] = seg[1:] != seg[:-1]
-    # index of the segment's first key, carried forward: cummax of (pos where a segment starts, else 0)
-    start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(0).values  # [U]
-    return uniq, inv.view(steps.shape), pos - start, start, span
-
-
-def step_rank(steps: Tensor, mask: Tensor, segment: Tensor | None = None) -> Tensor:
-    """[N, L] dense rank of each masked position's step among the distinct steps of its segment; -1 elsewhere.
-
-    segment [N, L] (default: the row) groups positions whose steps are ranked together, e.g. (row, block) pairs.
-    Example: steps [3, 3, 5, 9] in one segment -> ranks [0, 0, 1, 2].
-    """
-    if segment is None:
-        segment = torch.arange(steps.shape[0], device=steps.device)[:, None].expand(steps.shape)
-    _, inv, rank, _, _ = _dense_rank(steps, mask, segment)
-    return torch.where(mask, rank[inv], torch.full_like(inv, -1))
 
 
 def shrink_steps(
@@ -407,16 +389,14 @@ def step_gae(
     return Advantages(adv, ret, m.clone(), _gae_metrics(adv, ret, v, m, steps_per_row))
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Masked normalisation: (x - mean) / sqrt(var + eps) over mask (unbiased var); + mean back if not shift_mean.
-
-    0 outside mask. Fewer than two masked entries: var = 0.
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           all_reduce: AllReduce = no_reduce) -> Tensor:
+    """Masked normalisation: (x - mean) / sqrt(var + eps) over mask (unbiased var, over every rank); + mean back if
+    not shift_mean. 0 outside mask. Fewer than two masked entries: var = 0.
     """
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     x = torch.where(mask, values, zero)
-    n = mask.sum()
-    mean = x.sum() / n.clamp(min=1)
-    var = torch.where(mask, (x - mean) ** 2, zero).sum() / (n - 1).clamp(min=1)
+    mean, var, _ = masked_mean_var(x, mask, all_reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -126,7 +126,7 @@ class EngineTrainable:
     def zero_grad(self) -> None:
         """Nothing to do: engine.step() clears the gradients, and ZeRO-3 overwrites its partitioned gradient
         buffers on the first backward after a step instead of zeroing them (so that first backward must reach
-        every trained parameter; see RLTrainer._joint_epoch)."""
+        every trained parameter; see RLTrainer._epoch)."""
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         """Accumulate; `boundary` marks the last backward before `step` (ZeRO finalises its reduction there).

@@ -9,7 +9,7 @@ aggregation mode. Inputs at masked-out positions are replaced by 0 before any ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -45,56 +45,67 @@ def token_weights(
     constant: float | None = None,
     dtype: torch.dtype = torch.float32,
     microbatch: Tensor | None = None,
-    num_microbatches: int | None = None,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Token weights w [R, L] over the WHOLE batch; loss = sum_j w_j l_j. Zero outside mask.
+    """Token weights w [R, L] over the WHOLE batch (every micro-batch and, through `all_reduce`, every rank);
+    loss = sum_j w_j l_j. Zero outside mask.
 
     mask [R, L] bool; step_ids [R, L] int64 (-1 where nothing scored; needed for step-mean); seq_ids [R] int64
-    (sequence of each training row: one sequence's tokens may spread over several rows; None = arange(R)).
+    (sequence of each row: one sequence's tokens may spread over several rows; None = arange(R)); microbatch [R]
+    the micro-batch of each row (the microbatch modes); all_reduce sums a count over the data-parallel ranks
+    (None: one process). Counts are global, so each rank's loss is its share of the global loss:
       token-mean:     w = 1 / #tokens
       step-mean:      w = 1 / (#groups * |group|), group = (sequence, step), possibly spanning rows
       sequence-mean:  w = 1 / (#sequences * #tokens of the sequence)   (sequences with tokens)
       sequence-sum:   w = 1 / constant, constant = L * #sequences by default (Dr. GRPO); "constant" is an alias.
       microbatch-token-mean:  w = 1 / (max(#tokens of the row's micro-batch, 1) * #micro-batches)   (d1, coupled:
                       each micro-batch's loss is sum(m l) / sum(m), and gradient accumulation and data parallelism
-                      average the micro-batches; microbatch [R] gives each row's micro-batch, num_microbatches the
-                      count over every rank)
+                      average the micro-batches)
       microbatch-sum: w = 1 / #micro-batches   (wd1: each micro-batch's loss is a plain sum)
     """
     rows, length = mask.shape
+    dev = mask.device
+
+    def total(count: Tensor | int) -> Tensor:  # a count summed over every rank, float64
+        count = torch.as_tensor(count, dtype=torch.float64, device=dev)
+        return count if all_reduce is None else all_reduce(count)
+
     if seq_ids is None:
-        seq_ids = torch.arange(rows, device=mask.device)
+        seq_ids = torch.arange(rows, device=dev)
     _, seq = torch.unique(seq_ids, return_inverse=True)  # [R] dense sequence index
     seq_tok = seq[:, None].expand(rows, length)  # [R, L]
     if agg == "token-mean":
-        w = 1.0 / mask.sum().clamp(min=1).double()
+        w = 1.0 / total(mask.sum()).clamp(min=1)
         valid = mask
     elif agg == "sequence-mean":
         size, n = _group_sizes(seq_tok, mask)
-        w, valid = 1.0 / (n * size).clamp(min=1).double(), mask
+        w, valid = 1.0 / (total(n) * size).clamp(min=1), mask
     elif agg == "step-mean":
         if step_ids is None:
             raise ValueError("agg='step-mean' needs step_ids")
         valid = mask & (step_ids >= 0)
         step = torch.where(valid, step_ids, 0)
         size, n = _group_sizes(seq_tok * (step.amax() + 1) + step, valid)  # key = (sequence, step)
-        w = 1.0 / (n * size).clamp(min=1).double()
+        w = 1.0 / (total(n) * size).clamp(min=1)
     elif agg in ("microbatch-token-mean", "microbatch-sum"):
-        if microbatch is None or not num_microbatches:
-            raise ValueError(f"agg={agg!r} needs microbatch and num_microbatches")
-        mb = microbatch.to(mask.device)[:, None].expand(rows, length)  # [R, L]
+        if microbatch is None:
+            raise ValueError(f"agg={agg!r} needs microbatch")
+        mb = microbatch.to(dev)[:, None].expand(rows, length)  # [R, L]
+        num_mb = total(torch.unique(microbatch).numel())
         if agg == "microbatch-sum":
-            w = torch.tensor(1.0 / num_microbatches, dtype=torch.float64, device=mask.device)
+            w = 1.0 / num_mb
         else:
-            count = torch.zeros(int(mb.max()) + 1 if rows else 0, dtype=torch.float64, device=mask.device)
-            count = count.index_add(0, mb[mask], torch.ones(int(mask.sum()), dtype=torch.float64, device=mask.device))
-            w = 1.0 / (count.clamp(min=1)[mb] * num_microbatches)
+            count = torch.zeros(int(mb.max()) + 1 if rows else 0, dtype=torch.float64, device=dev)
+            count = count.index_add(0, mb[mask], torch.ones(int(mask.sum()), dtype=torch.float64, device=dev))
+            w = 1.0 / (count.clamp(min=1)[mb] * num_mb)
         valid = mask
     elif agg in ("sequence-sum", "constant"):
-        c = float(constant) if constant is not None else float(length * int(seq.amax() + 1 if rows else 0))
+        # an explicit constant is the global normaliser as given; by default L x every rank's sequences
+        c = torch.tensor(float(constant), dtype=torch.float64) if constant is not None else (
+            length * total(int(seq.amax() + 1) if rows else 0))
         if c <= 0:
-            raise ValueError(f"aggregation constant must be > 0, got {c}")
-        w, valid = torch.tensor(1.0 / c, dtype=torch.float64, device=mask.device), mask
+            raise ValueError(f"aggregation constant must be > 0, got {float(c)}")
+        w, valid = 1.0 / c, mask
     else:
         raise ValueError(f"unknown loss aggregation {agg!r}")
     w = torch.as_tensor(w).expand(rows, length)

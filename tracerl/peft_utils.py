@@ -12,15 +12,19 @@ an adapter on a model already loaded.
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from torch import nn
 
 from tracerl.config import PeftSection
 from tracerl.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 from tracerl.models.base import DiffusionLM
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,14 +58,25 @@ def resolve_targets(backbone: nn.Module, target_modules: list[str] | str) -> lis
 
 def apply_lora(model: DiffusionLM, peft_section: PeftSection) -> DiffusionLM:
     """Wrap the backbone in a LoRA peft model (in place; returns `model`). Only adapter weights are trainable."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if peft_section.r is None:
         return model
+    return apply_lora_config(model, LoraConfig(r=peft_section.r, lora_alpha=peft_section.lora_alpha,
+                                               lora_dropout=peft_section.lora_dropout,
+                                               target_modules=peft_section.target_modules))
+
+
+def apply_lora_config(model: DiffusionLM, config: "LoraConfig") -> DiffusionLM:
+    """Wrap the backbone with a user's peft.LoraConfig (the Python API's peft_config); "all-linear" targets every
+    linear layer but the LM head, for every family."""
+    from peft import get_peft_model
+
     if is_lora(model):
         raise UserError("the model already carries a LoRA adapter; merge it (tracerl export) before adding another")
-    config = LoraConfig(r=peft_section.r, lora_alpha=peft_section.lora_alpha, lora_dropout=peft_section.lora_dropout,
-                        target_modules=resolve_targets(model.backbone, peft_section.target_modules))
+    config = copy.copy(config)
+    config.target_modules = resolve_targets(model.backbone, sorted(config.target_modules)
+                                            if isinstance(config.target_modules, set) else config.target_modules)
     try:
         model.backbone = get_peft_model(model.backbone, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"

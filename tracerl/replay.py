@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from tracerl.credit import step_rank
+from tracerl.steps import step_rank
 from tracerl.estimators import spec
 from tracerl.models.masks import positions_from_padding
 from tracerl.packing import PackedRows, pack_rows
@@ -49,6 +49,8 @@ class ReplayBatch:
     published_logprob: bool = False  # score full-vocabulary temperature-1 log-softmax (d1, coupled, wd1)
     whole_sequences: bool = False  # a token's score needs several rows: forward chunks keep a sequence's rows
     target_ids: torch.Tensor | None = None  # [R, T] int64 the committed token at each scored position (0 elsewhere)
+    noise_level: torch.Tensor | None = None  # [R] float32 sigma the sampler fed the network in each row's state
+    #   (time-conditioned families under the published samplers); None: the model derives it from the state
 
     @property
     def num_rows(self) -> int:
@@ -155,6 +157,8 @@ def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
         step_id=step_id,
         forwards_per_response=len(rows) / max(traj.num_sequences, 1),
         response_length=L,
+        # the state before a (merged) step is the one the sampler fed at that step, with that step's sigma
+        noise_level=None if traj.noise_level is None else traj.noise_level[row_t, step_t],
     )
 
 
@@ -284,7 +288,8 @@ def replay_logits(model, batch: ReplayBatch, keep: torch.Tensor | None = None) -
     if batch.block is not None:
         return model.logits_packed(batch.input_ids.to(dev), batch.visibility().to(dev), batch.position_ids.to(dev),
                                    keep=keep)
-    return model.logits(batch.input_ids.to(dev), batch.key_padding.to(dev), keep=keep)
+    noise = None if batch.noise_level is None else batch.noise_level.to(dev)
+    return model.logits(batch.input_ids.to(dev), batch.key_padding.to(dev), keep=keep, noise_level=noise)
 
 
 def token_logprobs(

@@ -5,7 +5,8 @@
                         backend=make_backend(config.distributed, local_rank))
     trainer.train()
 
-Every arrow of one step is one call in `train_step` (see DESIGN.md); the math lives in credit.py and losses.py.
+Every arrow of one step is one call in `train_step` (docs/architecture.md maps them); the math lives in credit.py
+and losses.py, the training rows in replay.py, what each estimator fixes in estimators.py.
 
 Data parallel (tracerl.distributed): every rank draws the same global prompt order and takes its slice; groups stay
 on one rank, so group advantages are local, while everything that normalises over the batch (the loss weights'
@@ -24,12 +25,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from tracerl import credit, losses
 from tracerl import data_parallel as dp
 from tracerl.config import RLConfig, TrainerConfig
-from tracerl.data import PromptSampler, columns_of
+from tracerl.data import PromptSampler
 from tracerl.distributed import Backend, LocalBackend
 from tracerl.ds_config import EngineSpec
 from tracerl.errors import UserError
@@ -38,13 +40,13 @@ from tracerl.estimators import spec as estimator_spec
 from tracerl.models.base import DiffusionLM
 from tracerl.peft_utils import keep_requires_grad
 from tracerl.replay import ReplayBatch, build_replay, token_logprobs
-from tracerl.rollout import Trajectory, generate
+from tracerl.rollout import Trajectory
 from tracerl.rollout.config import derive_seed
+from tracerl.scoring import ScoredBatch, sample_and_score
+from tracerl.tracking import MetricsLogger
+from tracerl.value import Critic, ValueModel
 
 REPLAY_STREAM = 0x5E9  # keeps the replay's random masks apart from the rollouts' seeds
-from tracerl.rollout.display import completions as decode_completions
-from tracerl.tracking import MetricsLogger
-from tracerl.value import ValueModel
 
 
 class RLTrainer:
@@ -73,6 +75,11 @@ class RLTrainer:
         self.sampler = PromptSampler(len(train_rows), seed=tr.seed)
         self.step = 0
 
+    def all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (the identity on one process): the hook every batch-wide statistic in
+        credit.py and losses.py takes, so the math never branches on the world size."""
+        return self.backend.all_reduce(value)
+
     # ---- set-up helpers -----------------------------------------------------------------------------------
     def _prepare_trainables(self, spec: EngineSpec) -> None:
         """Optimizers (engines under DeepSpeed) for the policy and the value model, and the lr schedule.
@@ -94,19 +101,18 @@ class RLTrainer:
             groups.append({"params": vm.trainable_parameters(), "lr": value_lr})
         self.policy = self.backend.prepare(modules, groups, spec, adamw)
         self.optimizer = self.policy.optimizer
-        self.scheduler = get_scheduler(
-            o.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=int(o.warmup_ratio * tr.max_steps * alg.num_iterations),
-            num_training_steps=tr.max_steps * alg.num_iterations,
-        )
-        if self.joint:
-            _hold_lr(self.scheduler, group=1)  # the value lr stays constant, as with its own optimizer
-        self.value, self.value_optimizer = None, None
+        # the value lr stays constant (group 1 of the joint engine), as with its own optimizer
+        self.scheduler = make_scheduler(self.optimizer, o.lr_scheduler_type, o.warmup_ratio,
+                                        tr.max_steps * alg.num_iterations, constant_groups=(1,) if self.joint else ())
+        self.value, self.critic = None, None
         if vm is not None:
             self.value = self.policy if self.joint else self.backend.prepare(
                 {"value": vm}, [{"params": vm.trainable_parameters(), "lr": value_lr}], spec, adamw)
-            self.value_optimizer = self.value.optimizer
+            self.critic = Critic(vm, self.value, shared=self.joint)
+        # (optimizer, the losses it steps on): what one PPO epoch runs, in order
+        self.objectives: list[tuple[Any, tuple[str, ...]]] = (
+            [(self.policy, ("policy", "value"))] if self.joint else
+            [(self.policy, ("policy",))] + ([(self.value, ("value",))] if vm is not None else []))
 
     def _reference_model(self) -> DiffusionLM | None:
         """A frozen copy of the starting policy; with LoRA none is made: the reference is the adapter disabled."""
@@ -123,6 +129,41 @@ class RLTrainer:
         else:
             with keep_requires_grad(self.model), self.model.backbone.disable_adapter():
                 yield self.model
+
+    # ---- state (checkpoints: tracerl/checkpoint.py) --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the weights: step, data position, lr schedule, RNG and (single
+        process; under DeepSpeed they live in the engine checkpoints) the optimizer and the critic."""
+        from tracerl.checkpoint import rng_state
+
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": rng_state()}
+        if not self.backend.engine_checkpoints:
+            state["optimizer"] = self.optimizer.state_dict()
+            if self.critic is not None:
+                state["critic"] = self.critic.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from tracerl.checkpoint import set_rng_state
+
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if not self.backend.engine_checkpoints:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.critic is not None:
+                if "critic" not in state:
+                    raise UserError("the checkpoint has no value model but algorithm.use_value_model is on")
+                self.critic.load_state_dict(state["critic"])
+            set_rng_state(state["rng"])
+
+    def engines(self) -> dict[str, Any]:
+        """DeepSpeed engines by checkpoint name (the critic's own only when it has one)."""
+        out = {"policy": self.policy}
+        if self.critic is not None and not self.critic.shared:
+            out["value"] = self.critic.trainable
+        return out
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
@@ -177,26 +218,25 @@ class RLTrainer:
         return ["prompt", "completion", "reward", "unmask_order"], last
 
     def train_step(self) -> dict[str, float]:
-        """One RL step; returns its metrics over all ranks (TRL's names where they exist)."""
+        """One RL step: rollout -> score -> credit -> replay -> update; returns its metrics over all ranks (TRL's
+        names where they exist)."""
         t0 = time.perf_counter()
-        traj, prompts, texts, columns = self.rollout(self._step_indices())
+        batch = self.sample_and_score(self._step_indices())  # rollout + rewards: tracerl/scoring.py
         t_rollout = time.perf_counter() - t0
-        rewards, reward_metrics, process = self.score(prompts, texts, columns, traj)
-        self._last_samples = [[str(prompts[i]), texts[i], float(rewards[i]), traj.unmask_step[i].tolist()]
-                              for i in range(min(4, len(texts)))]
-        t1 = time.perf_counter()
-        learned = self.learn(traj, rewards, process)
-        steps = traj.steps_per_sequence().float()
+        learned = self.learn(batch.traj, batch.rewards, batch.process)  # credit -> replay -> update
+        self._last_samples = [[str(batch.prompts[i]), batch.completions[i], float(batch.rewards[i]),
+                               batch.traj.unmask_step[i].tolist()] for i in range(min(4, len(batch.completions)))]
+        traj, steps = batch.traj, batch.traj.steps_per_sequence().float()
         return dp.across_ranks(self.backend, {
-            **dp.reward_stats(self.backend, rewards),
-            **reward_metrics,
+            **dp.reward_stats(self.backend, batch.rewards),
+            **batch.metrics,
             **learned,
             "completions/mean_length": traj.completion_lengths().float().mean().item(),
             "trajectory/steps_per_sequence": steps.mean().item(),
             "trajectory/tokens_per_step": float(traj.action_mask.sum()) / max(steps.sum().item(), 1.0),
             "trajectory/rollout_forwards": float(traj.num_forwards),
             "perf/rollout_seconds": t_rollout,
-            "perf/train_seconds": time.perf_counter() - t1,
+            "perf/train_seconds": time.perf_counter() - t0 - t_rollout,
             "perf/step_seconds": time.perf_counter() - t0,
             "perf/rollout_tokens_per_second": traj.num_sequences * traj.response_length / max(t_rollout, 1e-9),
             "learning_rate": self.scheduler.get_last_lr()[0],
@@ -204,14 +244,13 @@ class RLTrainer:
 
     def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
               ) -> dict[str, float]:
-        """Everything after scoring: credit -> replay -> update, on this rank's trajectories (rewards [N], process
-        rewards [N, T] per own step or None)."""
+        """Everything after scoring, on this rank's trajectories (rewards [N], process rewards [N, T] or None)."""
         alg = self.config.algorithm
         block = traj.block_of_position() if traj.block_size is not None else None  # [N, L]
-        train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, alg.shrink, block)
-        replay = self._replay(traj, train_step, iteration=0)
-        adv, old_values = self.assign_credit(traj, rewards, train_step, replay, process)
-        update_metrics = self.update(traj, train_step, replay, adv, old_values)
+        train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, alg.shrink, block)  # TraceRL's s
+        replay = self._replay(traj, train_step, iteration=0)  # training rows: tracerl/replay.py
+        adv, old_values = self.assign_credit(traj, rewards, train_step, replay, process)  # tracerl/credit.py
+        update_metrics = self.update(traj, train_step, replay, adv, old_values)  # PPO epochs: tracerl/losses.py
         self.step += 1
         return {**adv.metrics, **update_metrics,
                 "trajectory/replay_forwards_per_response": replay.forwards_per_response}
@@ -223,49 +262,16 @@ class RLTrainer:
         picked = self.sampler.next(k * self.backend.world_size)
         return [int(i) for i in picked[rank * k:(rank + 1) * k]]
 
-    # ---- rollout and reward ---------------------------------------------------------------------------------
-    def rollout(self, indices: list[int]) -> tuple[Trajectory, list[Any], list[str], dict[str, list]]:
-        """G completions for the prompts of dataset rows `indices`; returns (trajectory, prompts, completion texts,
-        other columns). Completion g of prompt i samples from its own seed (run seed, step, i, g), so what a
-        prompt gets depends on the policy and that seed only: not on the batch, the rank or the world size."""
-        from tracerl.models.prompting import format_prompt
-
-        G, m, tr = self.config.trainer.num_generations, self.config.model, self.config.trainer
-        tok = self.model.tokenizer
-        rows = [self.rows[i] for i in indices]
-        prompts = [r["prompt"] for r in rows for _ in range(G)]
-        texts = [format_prompt(tok, p, m.use_chat_template, m.system_prompt) for p in prompts]
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        group_id = torch.arange(len(rows)).repeat_interleave(G) + self.backend.rank * len(rows)
-        row_seeds = [derive_seed(tr.seed, self.step, i, g) for i in indices for g in range(G)]
+    def sample_and_score(self, indices: list[int]) -> ScoredBatch:
+        """G completions for the prompts of dataset rows `indices`, scored. Completion g of prompt i samples from
+        its own seed (run seed, step, i, g), so what a prompt gets depends on the policy and that seed only."""
+        tr, m = self.config.trainer, self.config.model
+        seeds = [[derive_seed(tr.seed, self.step, i, g) for g in range(tr.num_generations)] for i in indices]
         with self.backend.generation(self.policy):  # ZeRO-3: full parameters for the rollout's forwards
-            traj = generate(self.model, ids, self.config.rollout, group_id=group_id, row_seeds=row_seeds)
-        columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns_of(rows).items()}
-        return traj, prompts, decode_completions(traj, tok), columns
-
-    def score(self, prompts: list[Any], texts: list[str], columns: dict[str, list], traj: Trajectory
-              ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
-        """Rewards [N] float (NaN = no reward function applied), per-function metrics, and the process rewards
-        [N, T] per own step (None when no function returned any; see reward_models.ProcessReward)."""
-        from reward_models.protocol import split_reward
-
-        state = {"step": self.step, "epoch": self.sampler.epoch}
-        result = self.reward_fn(prompts, texts, trajectory=traj, trainer_state=state, **columns)
-        if hasattr(result, "total"):  # a reward_models.RewardSet result
-            values, metrics = torch.as_tensor(result.total, dtype=torch.float32), dict(result.metrics)
-            steps, tokens = getattr(result, "step_rewards", None), getattr(result, "token_rewards", None)
-        else:  # a bare TRL-style function
-            parts = [split_reward(v) for v in result]
-            values = torch.tensor([float("nan") if o is None else float(o) for o, _, _ in parts], dtype=torch.float32)
-            metrics, steps, tokens = {}, _nan_table([p[1] for p in parts]), _nan_table([p[2] for p in parts])
-        process = None
-        if steps is not None or tokens is not None:
-            process = credit.process_table(steps, tokens, traj.unmask_step, traj.action_mask)
-        if process is not None:
-            given = process[torch.isfinite(process)]
-            metrics["rewards/process/mean"] = given.mean().item()
-            metrics["rewards/process/steps_per_sequence"] = given.numel() / max(len(texts), 1)
-        return values, metrics, process
+            return sample_and_score(self.model, [self.rows[i] for i in indices], self.config.rollout, self.reward_fn,
+                                    tr.num_generations, seeds, m.use_chat_template, m.system_prompt,
+                                    group_offset=self.backend.rank * len(indices),
+                                    trainer_state={"step": self.step, "epoch": self.sampler.epoch})
 
     # ---- credit ---------------------------------------------------------------------------------------------
     def assign_credit(self, traj: Trajectory, rewards: torch.Tensor, train_step: torch.Tensor, replay: ReplayBatch,
@@ -277,18 +283,13 @@ class RLTrainer:
         alg = self.config.algorithm
         coef = alg.process_reward_coef if process is not None else 0.0
         if self.value_model is None:
-            global_std = alg.scale_rewards == "batch" and self.backend.world_size > 1
             est = estimator_spec(alg.estimator)
-            adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask,
-                                         "none" if global_std else alg.scale_rewards,
+            adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask, alg.scale_rewards,
                                          drop_zero_std=alg.drop_zero_std_groups, baseline=est.baseline,
-                                         wd1=alg.loss_type == "wd1")
-            if global_std:  # groups are rank-local, the batch is not: divide by the std over every rank's rewards
-                adv.advantages = adv.advantages / (dp.global_std(self.backend, rewards) + dp.BATCH_STD_EPS)
+                                         wd1=alg.loss_type == "wd1", all_reduce=self.all_reduce)
             if coef:
-                batch_std = dp.global_std(self.backend, process.flatten()) if global_std else None
                 extra = credit.process_advantages(process, traj.group_id, train_step, traj.action_mask,
-                                                  alg.scale_rewards, batch_std=batch_std)
+                                                  alg.scale_rewards, all_reduce=self.all_reduce)
                 # a row with process rewards takes part even when its outcome carries no signal
                 adv.token_mask = adv.token_mask | (traj.action_mask & torch.isfinite(process).any(1)[:, None])
                 adv.advantages = torch.where(adv.token_mask, adv.advantages + coef * extra, 0.0)
@@ -302,8 +303,7 @@ class RLTrainer:
         r = credit.place_rewards(outcome, traj.unmask_step, traj.action_mask, steps, train_step)
         adv = credit.step_gae(values, r, train_step, traj.action_mask & scorable[:, None], alg.gamma, alg.lam)
         if alg.whiten_advantages:
-            adv.advantages = (credit.whiten(adv.advantages, adv.token_mask) if self.backend.world_size == 1
-                              else dp.whiten(self.backend, adv.advantages, adv.token_mask))
+            adv.advantages = credit.whiten(adv.advantages, adv.token_mask, all_reduce=self.all_reduce)
         return adv, values
 
     # ---- update ---------------------------------------------------------------------------------------------
@@ -366,11 +366,8 @@ class RLTrainer:
         mask = loss_mask & adv.token_mask  # [N, L]
         microbatch = torch.arange(N) // tr.per_device_train_batch_size
         # weights over the WHOLE batch: micro-batches then sum to exactly the full-batch loss
-        weights = losses.token_weights(mask, alg.loss_aggregation, torch.where(mask, train_step, -1), None,
-                                       constant=float(traj.response_length * N), microbatch=microbatch,
-                                       num_microbatches=tr.gradient_accumulation_steps * self.backend.world_size)
-        if self.backend.world_size > 1 and not alg.loss_aggregation.startswith("microbatch"):  # ... and all ranks
-            weights = dp.global_weights(self.backend, weights, mask, alg.loss_aggregation, train_step, N)
+        weights = losses.token_weights(mask, alg.loss_aggregation, torch.where(mask, train_step, -1),
+                                       microbatch=microbatch, all_reduce=self.all_reduce)
         state = _UpdateState(mask=mask, advantages=adv.advantages, weights=weights, returns=adv.returns,
                              old_values=old_values)
         state.ref = self._reference_scores(traj, replays) if alg.beta > 0 else None
@@ -380,12 +377,8 @@ class RLTrainer:
         metrics: dict[str, float] = {}
         for epoch, rows in enumerate(replays):
             state.epoch = epoch
-            if self.joint:
-                metrics = self._joint_epoch(rows, state)
-            else:
-                metrics = self._policy_epoch(rows, state)
-                if self.value_model is not None:
-                    metrics.update(self._value_epoch(rows, state))
+            for trainable, objectives in self.objectives:  # (policy) [+ (value)], or (policy + LoRA value) at once
+                metrics.update(self._epoch(trainable, objectives, rows, state))
             if epoch == 0:
                 first = {k: v for k, v in metrics.items() if k.startswith("rollout/")}
         return {**metrics, **first}
@@ -420,73 +413,54 @@ class RLTrainer:
                 self.model, b, b.target_ids)[0]))
         return out
 
-    def _policy_epoch(self, replay: ReplayBatch, state: "_UpdateState") -> dict[str, float]:
-        self.model.train()
-        self.policy.zero_grad()
-        sums: dict[str, float] = {}
+    def _epoch(self, trainable: Any, objectives: tuple[str, ...], replay: ReplayBatch, state: "_UpdateState"
+               ) -> dict[str, float]:
+        """One pass over the replay rows for one optimizer: per forward chunk, the objectives' losses (policy,
+        value, or both) summed into ONE backward, then one step. Under ZeRO every backward must touch every trained
+        parameter of the engine (stage 3 overwrites its gradient buffers on the first backward of a step and, with
+        offload, hands them to the optimizer on the last), hence one summed backward when the LoRA value adapter
+        shares the policy's engine."""
+        trainable.zero_grad()
+        sums: dict[str, dict[str, float]] = {name: {} for name in objectives}
         chunks = self._slices(replay)
         for i, (sl, pad) in enumerate(chunks):
             batch = replay.slice(sl)
-            lp, ent = self.policy.run(lambda: self._logprobs(batch))
-            out, tokens = self._policy_loss(state, batch, pad, lp, ent)
-            self.policy.backward(out.loss, boundary=i == len(chunks) - 1)
+            outputs = trainable.run(lambda: [self._forward(name, batch) for name in objectives])
+            parts = [self._loss(name, state, batch, pad, out) for name, out in zip(objectives, outputs)]
+            loss = parts[0][0].loss
+            for out, _ in parts[1:]:
+                loss = loss + out.loss.to(loss.device)
+            trainable.backward(loss, boundary=i == len(chunks) - 1)
             if not pad:
-                _accumulate(sums, out.metrics, tokens, out.loss.item())
-        state.first_epoch_done()
-        grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
-        self.scheduler.step()
+                for name, (out, tokens) in zip(objectives, parts):
+                    _accumulate(sums[name], out.metrics, tokens, out.loss.item() if name == "policy" else None)
+        if "policy" in objectives:
+            state.first_epoch_done()
+        grad_norm = trainable.step(self.config.optimizer.max_grad_norm)
+        if trainable is self.policy:
+            self.scheduler.step()
         self.model.eval()
-        return {**self._finish(sums), "grad_norm": grad_norm}
+        metrics = {k: v for name in objectives for k, v in self._finish(sums[name]).items()}
+        return {**metrics, "grad_norm": grad_norm} if "policy" in objectives else metrics
 
-    def _value_epoch(self, replay: ReplayBatch, state: "_UpdateState") -> dict[str, float]:
-        self.value.zero_grad()
-        sums: dict[str, float] = {}
-        chunks = self._slices(replay)
-        for i, (sl, pad) in enumerate(chunks):
-            batch = replay.slice(sl)
-            out, tokens = self._value_loss(state, batch, pad, self.value.run(lambda: self.value_model(batch)))
-            self.value.backward(out.loss, boundary=i == len(chunks) - 1)
-            if not pad:
-                _accumulate(sums, out.metrics, tokens, None)
-        self.value.step(self.config.optimizer.max_grad_norm)
-        return self._finish(sums)
+    def _forward(self, objective: str, batch: ReplayBatch) -> Any:
+        """The policy's (log-probs, entropy) in train mode, or the value model's values [r, T]; the value model
+        reads the policy's modules (LoRA value adapter) in eval mode, so both run in the mode they are meant to."""
+        if objective == "policy":
+            self.model.train()
+            return self._token_logprobs(self.model, batch, batch.target_ids, with_entropy=True)
+        self.model.eval()
+        return self.value_model(batch)
 
-    def _joint_epoch(self, replay: ReplayBatch, state: "_UpdateState") -> dict[str, float]:
-        """Policy and LoRA value adapter in one engine: ONE backward of (policy + value loss) per chunk, then one
-        step (one clipping norm over both). Every backward must touch every trained parameter: ZeRO-3 overwrites
-        its gradient buffers on the first backward of a step and (with offload) hands them to the optimizer on the
-        last, so a parameter missing from either would keep a stale gradient."""
-        self.policy.zero_grad()
-        sums: dict[str, float] = {}
-        value_sums: dict[str, float] = {}
-        chunks = self._slices(replay)
-        for i, (sl, pad) in enumerate(chunks):
-            batch = replay.slice(sl)
-            (lp, ent), values = self.policy.run(lambda: self._logprobs_and_values(batch))
-            out, tokens = self._policy_loss(state, batch, pad, lp, ent)
-            value_out, _ = self._value_loss(state, batch, pad, values)
-            self.policy.backward(out.loss + value_out.loss.to(out.loss.device), boundary=i == len(chunks) - 1)
-            if not pad:
-                _accumulate(sums, out.metrics, tokens, out.loss.item())
-                _accumulate(value_sums, value_out.metrics, tokens, None)
-        state.first_epoch_done()
-        grad_norm = self.policy.step(self.config.optimizer.max_grad_norm)
-        self.scheduler.step()
-        return {**self._finish(sums), "grad_norm": grad_norm, **self._finish(value_sums)}
+    def _loss(self, objective: str, state: "_UpdateState", batch: ReplayBatch, pad: bool, out: Any
+              ) -> tuple[losses.LossOutput, float]:
+        return self._policy_loss(state, batch, pad, *out) if objective == "policy" else (
+            self._value_loss(state, batch, pad, out))
 
     def _token_logprobs(self, model: DiffusionLM, batch: ReplayBatch, targets: torch.Tensor, with_entropy=False):
         """Replay log-probs under the rollout's sampling distribution (temperature, top-k, top-p)."""
         r = self.config.rollout
         return token_logprobs(model, batch, targets, r.temperature, with_entropy, top_k=r.top_k, top_p=r.top_p)
-
-    def _logprobs(self, batch: ReplayBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._token_logprobs(self.model, batch, batch.target_ids, with_entropy=True)
-
-    def _logprobs_and_values(self, batch: ReplayBatch) -> tuple[tuple, torch.Tensor]:
-        self.model.train()
-        policy = self._logprobs(batch)
-        self.model.eval()  # the value model reads the policy's modules in eval mode, as in _value_epoch
-        return policy, self.value_model(batch)
 
     def _policy_loss(self, state: "_UpdateState", batch: ReplayBatch, pad: bool, lp: torch.Tensor,
                      ent: torch.Tensor) -> tuple[losses.LossOutput, float]:
@@ -581,31 +555,24 @@ def _has_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def _nan_table(rows: list[list | None]) -> torch.Tensor | None:
-    """Ragged lists of floats / None -> [N, width] float32 with NaN for None and missing entries (None: no rows)."""
-    width = max((len(r) for r in rows if r is not None), default=0)
-    if not width:
-        return None
-    out = torch.full((len(rows), width), float("nan"))
-    for i, r in enumerate(rows):
-        for j, v in enumerate(r or []):
-            if v is not None:
-                out[i, j] = v
-    return out
+def make_scheduler(optimizer: Any, name: str, warmup_ratio: float, total_steps: int,
+                   constant_groups: tuple[int, ...] = ()) -> LambdaLR:
+    """transformers' schedule `name` over `total_steps` optimizer steps; parameter groups in `constant_groups`
+    keep their base learning rate (the joint engine's value group)."""
+    warmup = int(warmup_ratio * total_steps)
+    if not constant_groups:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    probe = get_scheduler(name, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                          num_warmup_steps=warmup, num_training_steps=total_steps)
+    if not isinstance(probe, LambdaLR):
+        raise UserError(f"optimizer.lr_scheduler_type={name} is not a step schedule (LambdaLR)")
+    schedule = probe.lr_lambdas[0]
+    return LambdaLR(optimizer, [_constant if g in constant_groups else schedule
+                                for g in range(len(optimizer.param_groups))])
 
 
-def _constant_lr(_: int) -> float:
+def _constant(_: int) -> float:
     return 1.0
-
-
-def _hold_lr(scheduler: Any, group: int) -> None:
-    """Keep one parameter group of a LambdaLR schedule at its base lr (the joint engine's value group)."""
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is None or len(lambdas) <= group:
-        return
-    lambdas[group] = _constant_lr
-    scheduler.optimizer.param_groups[group]["lr"] = scheduler.base_lrs[group]  # undo the warmup factor applied at 0
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
 def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:

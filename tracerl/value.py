@@ -82,8 +82,10 @@ class ValueModel(nn.Module):
         visible = batch.visibility()  # packed rows: [R, T, T] built for this forward only
         visible = None if visible is None else visible.to(dev)
         with self._active():
+            noise = getattr(batch, "noise_level", None)  # replay rows of a published sampler carry it
+            noise = None if noise is None else noise.to(dev)
             hidden = self.body.hidden_states(batch.input_ids.to(dev), batch.key_padding.to(dev), visible=visible,
-                                             position_ids=batch.position_ids.to(dev))
+                                             position_ids=batch.position_ids.to(dev), noise_level=noise)
         # float32 head; under DeepSpeed bf16 the engine casts it to bf16 with everything else
         return self.head(hidden.to(self.head.weight.dtype)).float().squeeze(-1)
 
@@ -104,3 +106,26 @@ class ValueModel(nn.Module):
             for k, v in state.items():
                 if k.startswith("adapter."):
                     params[k[8:]].copy_(v)
+
+
+class Critic:
+    """The value model and the optimizer (engine) that trains it: what a checkpoint saves of the critic.
+
+    `shared`: a LoRA value adapter under DeepSpeed trains in the policy's own engine (two engines must not hook the
+    same partitioned modules), so its optimizer state is the policy's and the critic saves only its weights.
+    """
+
+    def __init__(self, model: ValueModel, trainable: object, shared: bool):
+        self.model, self.trainable, self.shared = model, trainable, shared
+
+    def state_dict(self) -> dict[str, object]:
+        """Single-process state: the value model (head + body or adapter) and, unless shared, its optimizer."""
+        state: dict[str, object] = {"model": self.model.checkpoint_state()}
+        if not self.shared:
+            state["optimizer"] = self.trainable.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.model.load_checkpoint_state(state["model"])
+        if not self.shared:
+            self.trainable.optimizer.load_state_dict(state["optimizer"])

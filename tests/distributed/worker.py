@@ -161,8 +161,8 @@ def equivalence(out: Path, ds: str, lora: bool = False, steps: int = 1, **sectio
     rounds = []
     for _ in range(steps):
         seen, local_seen = len(grads), len(local_grads)
-        traj, prompts, texts, columns = trainer.rollout(trainer._step_indices())
-        rewards, _, _ = trainer.score(prompts, texts, columns, traj)
+        batch = trainer.sample_and_score(trainer._step_indices())
+        traj, rewards = batch.traj, batch.rewards
         parts = backend.all_gather_object((traj, rewards))
         metrics = trainer.learn(traj, rewards)
         trained = _trained(trainer)[0]

@@ -5,7 +5,6 @@ import asyncio
 import logging
 import math
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -103,15 +102,16 @@ def test_columns_trajectory_and_trainer_state_arrive_as_kwargs():
 
 
 def test_the_trainer_reads_the_result():
-    """RLTrainer.score accepts a RewardSet result: .total as the [N] rewards, .metrics merged into its log."""
-    from tracerl.trainer import RLTrainer
+    """Training and evaluation read a RewardSet result: .total as the [N] rewards, .metrics merged into the log."""
+    from tracerl.scoring import _read_rewards
 
     def half(prompts, completions, **kwargs):
         return [0.5, None, 1.0]
 
-    fake = SimpleNamespace(step=7, sampler=SimpleNamespace(epoch=2), reward_fn=RewardSet([half]))
-    rewards, metrics, process = RLTrainer.score(fake, PROMPTS, COMPLETIONS, {"answer": [1, 2, 3]}, traj=None)
-    assert process is None  # no process rewards returned
+    rewards, per_function, metrics, steps, tokens = _read_rewards(RewardSet([half])(PROMPTS, COMPLETIONS,
+                                                                                    answer=[1, 2, 3]))
+    assert steps is None and tokens is None  # no process rewards returned
+    assert per_function["half"][0] == 0.5
     assert rewards[0] == 0.5 and torch.isnan(rewards[1]) and rewards[2] == 1.0
     assert metrics["rewards/half/mean"] == 0.75
 

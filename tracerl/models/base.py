@@ -195,11 +195,12 @@ class DiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         visible: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last-layer hidden states [B, L, H], aligned like `logits` (for value heads).
 
         Either the family's own attention over `attention_mask` [B, L], or an explicit pattern `visible`
-        [B, L, L] with `position_ids` [B, L] (packed replay rows).
+        [B, L, L] with `position_ids` [B, L] (packed replay rows). noise_level [B] as for `logits`.
         """
         if visible is not None:
             bias = visibility_to_bias(visible, self.dtype)
@@ -208,7 +209,9 @@ class DiffusionLM(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             bias = attention_bias(attention_mask, self.block_size, self.dtype)
             position_ids = positions_from_padding(attention_mask)
-        out = self.decoder()(input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=False)
+        extra = {"noise_level": noise_level} if self.spec.time_conditioned else {}
+        out = self.decoder()(input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=False,
+                             **extra)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if self.spec.logit_shift:
             hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)

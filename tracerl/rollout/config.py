@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from tracerl.errors import UserError
 
-REMASKING = ("low_confidence", "top_margin", "entropy", "random")
+CONFIDENCE_POLICIES = ("low_confidence", "top_margin", "entropy", "random")
+SEDD_SAMPLERS = ("sedd_euler", "sedd_analytic")  # read a SEDD model's score mass
+PUBLISHED_SAMPLERS = ("mdlm_ancestral", *SEDD_SAMPLERS)  # tracerl/rollout/published.py
+REMASKING = CONFIDENCE_POLICIES + PUBLISHED_SAMPLERS
 _MASK64 = (1 << 64) - 1
 
 
@@ -29,7 +32,9 @@ class RolloutConfig:
     steps: int = 64  # denoising steps over the whole response (static schedule)
     block_length: int | None = None  # semi-AR block length; None = the model's block_size (block diffusion) or L
     remasking: str = "low_confidence"  # which masked positions to commit first: low_confidence | top_margin |
-    #   entropy | random
+    #   entropy | random; or a published sampler that unmasks each position at random on its own time grid, steps /
+    #   num_blocks grid steps per block (+ one final forward for what is left): mdlm_ancestral (any family),
+    #   sedd_euler | sedd_analytic (SEDD models: the probability reads the score mass)
     threshold: float | None = None  # dynamic policy (Fast-dLLM): commit every position whose confidence exceeds it
     #   (at least one per step); the static `steps` schedule is then ignored
     temperature: float = 1.0  # sampling temperature; 0 = greedy
@@ -46,6 +51,12 @@ class RolloutConfig:
             raise UserError(f"steps must be >= 1, got {self.steps}")
         if self.remasking not in REMASKING:
             raise UserError(f"remasking={self.remasking!r} is not one of {', '.join(REMASKING)}")
+        if self.threshold is not None and self.remasking in PUBLISHED_SAMPLERS:
+            raise UserError(
+                f"remasking: {self.remasking!r} is a published sampler whose time grid decides which positions "
+                f"unmask; rollout.threshold={self.threshold} does not apply with rollout.remasking={self.remasking} "
+                "(set threshold: null, or use remasking low_confidence / top_margin)"
+            )
         if self.threshold is not None:
             if not 0.0 < self.threshold <= 1.0:
                 raise UserError(f"threshold must lie in (0, 1], got {self.threshold}")
@@ -60,6 +71,16 @@ class RolloutConfig:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+    def check_family(self, family: str) -> None:
+        """Refuse a published sampler on a model it does not belong to. MDLM's ancestral rule is model-free, so it
+        runs on every masked-diffusion family; SEDD's rules read the score mass of a SEDD model's log-score."""
+        if self.remasking in SEDD_SAMPLERS and family != "sedd":
+            raise UserError(
+                f"rollout.remasking={self.remasking} is SEDD's sampler: its unmask probability is read from a SEDD "
+                f"model's score (model family 'sedd'), and this model's family is {family!r}; use "
+                "rollout.remasking=mdlm_ancestral (model-free, any family) or a confidence policy"
+            )
 
     def resolve_block_length(self, model_block_size: int | None) -> int:
         """The block length the sampler walks: the model's attention block for block diffusion."""

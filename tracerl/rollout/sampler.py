@@ -5,6 +5,10 @@ Full-attention models (LLaDA, Dream) are sampled semi-autoregressively: the resp
 Block-diffusion models (SDAR/TraDo) are sampled block by block in their own attention blocks; with the KV cache,
 a committed block is encoded once (merged into the next block's first forward) and never recomputed.
 
+The published MDLM / SEDD samplers (`remasking` mdlm_ancestral, sedd_euler, sedd_analytic; published.py) walk each
+block on their own time grid: every masked position unmasks at random with the published probability, and a
+time-conditioned network is fed the grid's sigma(t_i), which the Trajectory records (`noise_level`).
+
 Batch invariance: a row's rollout depends only on its own prompt, the policy and its seed. Positions and blocks
 are counted from the row's first real token (never from the left padding), each row keeps its own step count and,
 with row seeds, draws from its own generator; rows of a batch only share the forwards.
@@ -16,7 +20,8 @@ import torch
 
 from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM
-from tracerl.rollout.config import RolloutConfig, derive_seed
+from tracerl.rollout import published
+from tracerl.rollout.config import PUBLISHED_SAMPLERS, RolloutConfig, derive_seed
 from tracerl.rollout.policies import choose_commits, confidence, sample_tokens, sampling_logprobs, static_schedule
 from tracerl.rollout.trajectory import Trajectory
 
@@ -80,10 +85,19 @@ class _Sampler:
         if row_seeds is None and cfg.seed is not None:
             self.generator = torch.Generator(device=dev).manual_seed(cfg.seed)
         self.cache = None  # block diffusion: K/V of the frame columns that are final for every row
+        # The published samplers feed a time-conditioned network the grid's sigma; each fed value is logged with the
+        # rows that committed on it and their step, to become Trajectory.noise_level.
+        self.feeds_noise = cfg.remasking in PUBLISHED_SAMPLERS and model.spec.time_conditioned and bool(
+            getattr(model.config, "time_conditioning", False))
+        self.noise_eps = float(getattr(model.config, "noise_eps", 1e-3))  # LogLinearNoise(eps), published 1e-3
+        self.noise_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # committed, step, sigma: [N]
 
     # ---- the forwards -------------------------------------------------------------------------------------
-    def block_logits(self, j: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Aligned logits [N, B, V] of each row's block-j positions (row n: response lo_n + [0, B))."""
+    def block_logits(self, j: int, lo: torch.Tensor, hi: torch.Tensor,
+                     noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Aligned logits [N, B, V] of each row's block-j positions (row n: response lo_n + [0, B)).
+
+        noise_level [N]: the sigma fed to a time-conditioned network (None: the network derives it)."""
         self.forwards += 1
         P, B = self.P, self.blocks.block
         end = P + int(hi.max())
@@ -99,23 +113,36 @@ class _Sampler:
             first = cached
         else:
             first = P + int(lo.min())
-            logits = self.model.logits(self.x, self.attn, keep=torch.arange(first, end, device=self.x.device))
+            extra = {} if noise_level is None else {"noise_level": noise_level}
+            logits = self.model.logits(self.x, self.attn, keep=torch.arange(first, end, device=self.x.device), **extra)
         cols = (P + lo[:, None] + torch.arange(B, device=lo.device) - first).clamp(max=logits.shape[1] - 1)
         return logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))  # [N, B, V]
 
     # ---- one block ----------------------------------------------------------------------------------------
-    def denoise_block(self, j: int, steps_per_block: int) -> None:
-        """Unmask every row's block-j positions until none is masked."""
+    def block_view(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lo [N], hi [N], size [N], valid [N, B], cols [N, B]) of every row's block j."""
         lo, hi = self.blocks.span(j)
         B = self.blocks.block
         size = hi - lo  # [N] positions of the block per row (fewer in a partial first / last block)
         valid = torch.arange(B, device=lo.device)[None, :] < size[:, None]  # [N, B]
         cols = (lo[:, None] + torch.arange(B, device=lo.device)).clamp(max=self.L - 1)  # [N, B] response index
+        return lo, hi, size, valid, cols
+
+    def still_masked(self, cols: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked [N, B] block positions still [MASK], active [N] rows with any)."""
+        masked = (self.x[:, self.P:].gather(1, cols) == self.mask_id) & valid
+        return masked, masked.any(1)
+
+    def denoise_block(self, j: int, steps_per_block: int) -> None:
+        """Unmask every row's block-j positions until none is masked."""
+        if self.cfg.remasking in PUBLISHED_SAMPLERS:
+            return self.denoise_block_on_grid(j, steps_per_block)
+        lo, hi, size, valid, cols = self.block_view(j)
+        B = self.blocks.block
         schedules = [static_schedule(int(n), steps_per_block) if n else [] for n in size.tolist()]
         i = 0
         while True:
-            masked = (self.x[:, self.P:].gather(1, cols) == self.mask_id) & valid  # [N, B]
-            active = masked.any(1)  # [N] rows still denoising this block
+            masked, active = self.still_masked(cols, valid)
             if not active.any():
                 break
             logits = self.block_logits(j, lo, hi)
@@ -126,24 +153,35 @@ class _Sampler:
             self.commit(logits, masked, active, cols, size, k)
             i += 1
 
+    def draw_tokens(self, logprobs: torch.Tensor, active: torch.Tensor, size: torch.Tensor, greedy: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [N, B] from logprobs [N, B, V] (argmax when greedy) and their log-probs [N, B]."""
+        if self.row_generators is None:
+            return sample_tokens(logprobs, greedy, self.generator)
+        tokens = logprobs.argmax(-1)
+        if not greedy:
+            for n in active.nonzero().flatten().tolist():  # each row draws only for its own block, from its own RNG
+                c, gen = int(size[n]), self.row_generators[n]
+                tokens[n, :c] = torch.multinomial(logprobs[n, :c].exp(), 1, generator=gen).squeeze(-1)
+        return tokens, logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+
+    def draw_uniform(self, active: torch.Tensor, size: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Uniform [0, 1) noise [N, B]; with row generators only active rows draw, for their own block."""
+        if self.row_generators is None:
+            return torch.rand(shape, generator=self.generator, device=self.x.device)
+        noise = torch.zeros(shape, device=self.x.device)
+        for n in active.nonzero().flatten().tolist():
+            c = int(size[n])
+            noise[n, :c] = torch.rand(c, generator=self.row_generators[n], device=self.x.device)
+        return noise
+
     def draw(self, logprobs: torch.Tensor, active: torch.Tensor, size: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens [N, B], their log-probs [N, B] and the remasking confidence [N, B] of one step."""
-        cfg, greedy = self.cfg, self.cfg.temperature == 0
-        if self.row_generators is None:
-            tokens, token_lp = sample_tokens(logprobs, greedy, self.generator)
-            return tokens, token_lp, confidence(cfg.remasking, logprobs, token_lp, self.generator)
-        tokens = logprobs.argmax(-1)
-        noise = torch.zeros(tokens.shape, device=tokens.device)
-        for n in active.nonzero().flatten().tolist():  # each row draws only for its own block, from its own RNG
-            c, gen = int(size[n]), self.row_generators[n]
-            if not greedy:
-                tokens[n, :c] = torch.multinomial(logprobs[n, :c].exp(), 1, generator=gen).squeeze(-1)
-            if cfg.remasking == "random":
-                noise[n, :c] = torch.rand(c, generator=gen, device=tokens.device)
-        token_lp = logprobs.gather(-1, tokens[..., None]).squeeze(-1)
-        conf = noise if cfg.remasking == "random" else confidence(cfg.remasking, logprobs, token_lp, None)
-        return tokens, token_lp, conf
+        tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy=self.cfg.temperature == 0)
+        if self.cfg.remasking == "random":
+            return tokens, token_lp, self.draw_uniform(active, size, tokens.shape)
+        return tokens, token_lp, confidence(self.cfg.remasking, logprobs, token_lp, None)
 
     def commit(self, logits: torch.Tensor, masked: torch.Tensor, active: torch.Tensor, cols: torch.Tensor,
                size: torch.Tensor, k: torch.Tensor | None) -> None:
@@ -151,14 +189,76 @@ class _Sampler:
         logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)  # [N, B, V]
         tokens, token_lp, conf = self.draw(logprobs, active, size)
         pick = choose_commits(conf, masked, k, cfg.threshold)  # [N, B] bool, inside each row's block
+        self.write(pick, tokens, token_lp, cols)
+
+    def write(self, pick: torch.Tensor, tokens: torch.Tensor, token_lp: torch.Tensor, cols: torch.Tensor,
+              noise_level: torch.Tensor | None = None) -> None:
+        """Commit tokens [N, B] where pick [N, B]; a row that commits anything spends one of its own steps."""
         rows, slot = pick.nonzero(as_tuple=True)
         pos = cols[rows, slot]  # response index of every committed token
         self.x[:, self.P:][rows, pos] = tokens[rows, slot]
         self.unmask_step[rows, pos] = self.row_step[rows]
         self.logprob[rows, pos] = token_lp[rows, slot].float()
         self.action[rows, pos] = True
+        committed = pick.any(1)  # [N]; a published sampler's forward may unmask nothing in a row: no step then
+        if noise_level is not None:
+            self.noise_log.append((committed, self.row_step.clone(), noise_level))
         self.pad_after_eos()
-        self.row_step += active.long()
+        self.row_step += committed.long()
+
+    # ---- one block on the published samplers' time grid -----------------------------------------------------
+    def denoise_block_on_grid(self, j: int, steps_per_block: int) -> None:
+        """MDLM ancestral / SEDD Euler or analytic over block j: grid steps t_i, then the final denoise."""
+        lo, hi, size, valid, cols = self.block_view(j)
+        times, dt = published.time_grid(steps_per_block)
+        cfg = self.cfg
+        scale_by_sigma = bool(getattr(self.model.config, "scale_by_sigma", False))  # SEDD's log-score convention
+        for t in times:
+            masked, active = self.still_masked(cols, valid)
+            if not active.any():
+                return
+            fed = self.fed_noise(t)
+            logits = self.block_logits(j, lo, hi, fed)  # [N, B, V]
+            logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)
+            tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy=cfg.temperature == 0)
+            block_ids = self.x[:, self.P:].gather(1, cols)  # [N, B]
+            p = published.unmask_probability(cfg.remasking, t, dt, self.noise_eps, logits, block_ids, self.mask_id,
+                                             scale_by_sigma)  # [N, B]
+            unmask = self.draw_uniform(active, size, p.shape) < p  # [N, B] Bernoulli(p), independent per position
+            self.write(masked & unmask, tokens, token_lp, cols, fed)
+        masked, active = self.still_masked(cols, valid)
+        if active.any():
+            self.final_denoise(j, lo, hi, size, cols, masked, active)
+
+    def final_denoise(self, j: int, lo: torch.Tensor, hi: torch.Tensor, size: torch.Tensor, cols: torch.Tensor,
+                      masked: torch.Tensor, active: torch.Tensor) -> None:
+        """The published noise removal at t = 1e-5: every position still masked commits, MDLM greedily (argmax),
+        SEDD sampled from the score. Its log-prob is recorded under the sampling distribution like any other."""
+        fed = self.fed_noise(published.GRID_EPS)
+        logits = self.block_logits(j, lo, hi, fed)
+        cfg = self.cfg
+        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)
+        greedy = cfg.remasking == "mdlm_ancestral" or cfg.temperature == 0
+        tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy)
+        self.write(masked, tokens, token_lp, cols, fed)
+
+    def fed_noise(self, t: float) -> torch.Tensor | None:
+        """[N] sigma(t) for a time-conditioned network (every row of the block is at the same grid time), else None."""
+        if not self.feeds_noise:
+            return None
+        return torch.full((self.x.shape[0],), published.sigma(t, self.noise_eps), dtype=torch.float32,
+                          device=self.x.device)
+
+    def noise_levels(self) -> torch.Tensor | None:
+        """Trajectory.noise_level [N, S] float32: the sigma fed at each row's own steps, NaN where it has none."""
+        if not self.feeds_noise:
+            return None
+        N, S = self.x.shape[0], int(self.row_step.max()) if self.x.shape[0] else 0
+        out = torch.full((N, S), float("nan"), dtype=torch.float32, device=self.x.device)
+        for committed, step, sigma in self.noise_log:
+            rows = committed.nonzero().flatten()
+            out[rows, step[rows]] = sigma[rows]
+        return out
 
     def pad_after_eos(self) -> None:
         """Once an EOS is committed, every still-masked position after it becomes EOS padding (not an action),
@@ -196,6 +296,7 @@ def generate(
     in any batch. Default: `derive_seed(config.seed, n)` for row n when config.seed is set, else the global RNG.
     """
     config.validate()
+    config.check_family(model.family)
     if isinstance(prompt_ids, list):
         prompt_ids, prompt_mask = pad_prompts(prompt_ids, model.pad_token_id)
     if prompt_mask is None:
@@ -227,6 +328,7 @@ def generate(
     finally:
         model.train(was_training)
     cpu = torch.device("cpu")
+    noise_level = sampler.noise_levels()
     return Trajectory(
         prompt_ids=prompt_ids.to(cpu),
         prompt_mask=prompt_mask.to(cpu).bool(),
@@ -243,4 +345,5 @@ def generate(
         block_size=model.block_size,
         block_length=block,
         temperature=float(config.temperature),
+        noise_level=None if noise_level is None else noise_level.to(cpu),
     )

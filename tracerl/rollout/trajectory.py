@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "tracerl.Trajectory/2"  # 2: per-row steps and blocks (1 had batch-global ones)
+FORMAT = "tracerl.Trajectory/3"  # 3: noise_level; 2: per-row steps and blocks (1 had batch-global ones)
+READABLE = ("tracerl.Trajectory/2", FORMAT)  # a format-2 file fed no noise level: it loads with noise_level None
 
 
 @dataclass
@@ -35,6 +36,10 @@ class Trajectory:
     block_size: int | None  # None = full attention (semi-AR blocks are a schedule, not an attention pattern)
     block_length: int  # the block length the sampler walked (block_size for block diffusion)
     temperature: float  # the temperature behaviour_logprob was taken at (0 = greedy: log-prob at temperature 1)
+    noise_level: torch.Tensor | None = None  # [N, S] float32, the sigma fed to the network at each of the row's own
+    #   steps (S = num_steps; NaN: the row has no such step). None: no sigma was fed, and a time-conditioned model
+    #   derived it from the state (tracerl.models.dit.derive_noise_level). Set by the published samplers
+    #   (mdlm_ancestral, sedd_*) on time-conditioned models: replay step s with noise_level[:, s].
 
     # ---- shapes ---------------------------------------------------------------------------------------------
     @property
@@ -89,8 +94,9 @@ class Trajectory:
 
     def steps_per_sequence(self) -> torch.Tensor:
         """[N] number of distinct steps in which the row committed at least one sampled token."""
-        steps = torch.where(self.action_mask, self.unmask_step, torch.full_like(self.unmask_step, -1))
-        return torch.tensor([len(set(row.tolist()) - {-1}) for row in steps])
+        from tracerl.steps import distinct_steps
+
+        return distinct_steps(self.unmask_step, self.action_mask)
 
     def block_of_position(self) -> torch.Tensor:
         """[N, L] int64, index of the response block (0 = the first) each response position was denoised in."""
@@ -119,8 +125,11 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | Path) -> "Trajectory":
         data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if data.pop("format", None) != FORMAT:
-            raise ValueError(f"{path}: not a TraceRL trajectory file")
+        version = data.pop("format", None) if isinstance(data, dict) else None
+        if version not in READABLE:
+            what = f"format {version!r}" if isinstance(version, str) else "not a TraceRL trajectory file"
+            raise ValueError(f"{path}: {what}; this TraceRL reads {', '.join(READABLE)} (format 1 counted steps "
+                             "over the whole batch: record the rollout again)")
         return cls(**data)
 
     @staticmethod
@@ -132,8 +141,21 @@ class Trajectory:
             items = [getattr(p, f.name) for p in parts]
             if f.name == "num_forwards":
                 values[f.name] = sum(items)
+            elif f.name == "noise_level":
+                values[f.name] = _concat_noise_levels(items)
             elif isinstance(items[0], torch.Tensor):
                 values[f.name] = torch.cat(items, dim=0)
             else:
                 values[f.name] = items[0]
         return Trajectory(**values)
+
+
+def _concat_noise_levels(items: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """[N_k, S_k] parts -> [sum N_k, max S_k], NaN-padded (parts may have taken different numbers of steps)."""
+    if all(v is None for v in items):
+        return None
+    if any(v is None for v in items):
+        raise ValueError("cannot concatenate trajectories with and without recorded noise levels")
+    width = max(v.shape[1] for v in items)
+    padded = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=float("nan")) for v in items]
+    return torch.cat(padded, dim=0)

@@ -1,4 +1,10 @@
-"""Countdown: reach `target` from `nums` with + - * / and parentheses, each number used at most once.
+"""The Countdown task in one place: the problem generator, the prompt template and the reward.
+
+    rows = generate(n=2000, seed=0)                      # {"nums", "target", "solution"}
+    prompt = PROMPT_TEMPLATE.format(**row)
+    rewards = [countdown_reward]                         # 1 when the final equation reaches the target
+
+Countdown: reach `target` from `nums` with + - * / and parentheses, each number used at most once.
 
 A problem is made by drawing the numbers, combining all of them in a random expression tree whose every
 intermediate value is a positive integer (exact division, no negative differences), and taking the result as the
@@ -16,7 +22,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from reward_models.countdown import CountdownReward
 from tracerl.tasks import keys_in, write_rows
+
+countdown_reward = CountdownReward()  # the built-in `countdown` reward
 
 # Short: every prompt character is a token each denoising forward pays for (character tokenizer).
 PROMPT_TEMPLATE = "Countdown: {nums} -> {target}\n"

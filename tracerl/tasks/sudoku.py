@@ -1,4 +1,10 @@
-"""4x4 Sudoku puzzles with a unique solution and an exact number of empty cells.
+"""The 4x4 Sudoku task in one place: the puzzle generator, the prompt template and the rewards.
+
+    rows = generate(n=2000, blanks=6, seed=0)            # {"puzzle", "solution"} with a unique solution each
+    prompt = PROMPT_TEMPLATE.format(**row)
+    rewards = [solved_reward, cells_reward]              # 1 for a full solve / the share of empty cells right
+
+4x4 Sudoku puzzles with a unique solution and an exact number of empty cells.
 
 Grids are 16-character strings, row-major, "0" = empty; boxes are 2x2. There are only 288 solved 4x4 grids, so
 what makes puzzles differ is which cells are blank: 288 x C(16, k) candidates, of which the unique-solution ones
@@ -19,6 +25,8 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 from reward_models.sudoku import SudokuReward
+
+cells_reward = SudokuReward()  # the built-in `sudoku` reward: the share of the empty cells filled right
 from tracerl.tasks import keys_in, write_rows
 
 SIDE, BOX = 4, 2

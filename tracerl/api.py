@@ -1,0 +1,260 @@
+"""The Python API, shaped like TRL's GRPOTrainer:
+
+    from tracerl import TraceRLConfig, TraceRLTrainer
+
+    trainer = TraceRLTrainer(
+        model="outputs/sudoku/sft/final",            # a local checkpoint directory, or a DiffusionLM
+        reward_funcs=[solved_reward, "sudoku"],      # TRL-signature callables and/or built-in reward specs
+        args=TraceRLConfig(output_dir="outputs/rl", learning_rate=2e-4, max_steps=300, num_generations=8,
+                           per_device_train_batch_size=256, max_completion_length=16, steps=4),
+        train_dataset=train,                         # a datasets.Dataset (or list of dicts) with a "prompt" column
+        eval_dataset=test,
+        peft_config=None,                            # or a peft.LoraConfig
+    )
+    trainer.train()
+
+`TraceRLConfig` is flat, like GRPOConfig, with GRPOConfig's field names where the meaning is the same
+(output_dir, learning_rate, max_steps, num_generations, per_device_train_batch_size, gradient_accumulation_steps,
+max_completion_length, temperature, top_p, top_k, beta, epsilon, epsilon_high, num_iterations, scale_rewards,
+reward_weights, report_to, run_name, logging_steps, save_steps, save_total_limit, eval_steps, seed, deepspeed, ...)
+and the diffusion / TraceRL names of the YAML recipes (steps, block_length, remasking, threshold, estimator,
+shrink, use_value_model, ...). Every flat field is one field of a recipe section (`FIELDS` says which), so a recipe
+and a config convert both ways: `TraceRLConfig.from_recipe(rl_config)`, `config.to_recipe()`. The CLI's `train` is
+this API over a recipe. Reward functions get the dataset's other columns as keyword arguments, as in TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from tracerl import config as schema
+from tracerl.errors import UserError
+
+# flat name -> "section.field" of the recipe schema (tracerl/config.py); the flat field takes that field's type,
+# default and documentation
+FIELDS: dict[str, str] = {
+    # model loading (TRL passes these through model_init_kwargs; named here as the recipe does)
+    "use_chat_template": "model.use_chat_template", "system_prompt": "model.system_prompt",
+    # rollout
+    "max_completion_length": "rollout.max_completion_length", "steps": "rollout.steps",
+    "block_length": "rollout.block_length", "remasking": "rollout.remasking", "threshold": "rollout.threshold",
+    "temperature": "rollout.temperature", "top_p": "rollout.top_p", "top_k": "rollout.top_k",
+    "use_kv_cache": "rollout.use_kv_cache",
+    # algorithm
+    "estimator": "algorithm.estimator", "shrink": "algorithm.shrink", "p_mask_prompt": "algorithm.p_mask_prompt",
+    "policy_loss": "algorithm.loss_type", "epsilon": "algorithm.epsilon", "epsilon_high": "algorithm.epsilon_high",
+    "log_ratio_clamp": "algorithm.log_ratio_clamp", "beta": "algorithm.beta", "kl_estimator": "algorithm.kl_estimator",
+    "loss_aggregation": "algorithm.loss_aggregation", "scale_rewards": "algorithm.scale_rewards",
+    "drop_zero_std_groups": "algorithm.drop_zero_std_groups", "old_logprobs": "algorithm.old_logprobs",
+    "entropy_coef": "algorithm.entropy_coef", "num_iterations": "algorithm.num_iterations",
+    "use_value_model": "algorithm.use_value_model", "gamma": "algorithm.gamma", "lam": "algorithm.lam",
+    "value_clip": "algorithm.value_clip", "value_learning_rate": "algorithm.value_learning_rate",
+    "whiten_advantages": "algorithm.whiten_advantages", "process_reward_coef": "algorithm.process_reward_coef",
+    # rewards
+    "reward_on_error": "reward_on_error", "reward_timeout_s": "reward_timeout_s",
+    # optimizer
+    "learning_rate": "optimizer.learning_rate", "weight_decay": "optimizer.weight_decay",
+    "adam_beta1": "optimizer.adam_beta1", "adam_beta2": "optimizer.adam_beta2",
+    "adam_epsilon": "optimizer.adam_epsilon", "max_grad_norm": "optimizer.max_grad_norm",
+    "lr_scheduler_type": "optimizer.lr_scheduler_type", "warmup_ratio": "optimizer.warmup_ratio",
+    # trainer
+    "max_steps": "trainer.max_steps", "num_generations": "trainer.num_generations",
+    "per_device_train_batch_size": "trainer.per_device_train_batch_size",
+    "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+    "replay_batch_size": "trainer.replay_batch_size", "seed": "trainer.seed", "output_dir": "trainer.output_dir",
+    "save_steps": "trainer.save_steps", "save_total_limit": "trainer.save_total_limit",
+    "logging_steps": "trainer.logging_steps", "eval_steps": "trainer.eval_steps",
+    "resume_from_checkpoint": "trainer.resume_from_checkpoint",
+    # logging, evaluation, distributed
+    "report_to": "logging.report_to", "project": "logging.project", "run_name": "logging.run_name",
+    "per_device_eval_batch_size": "eval.batch_size", "eval_temperature": "eval.temperature",
+    "eval_num_generations": "eval.num_generations", "eval_success_threshold": "eval.success_threshold",
+    "deepspeed": "distributed.deepspeed",
+}
+# TRL's loss_type names the loss normalisation: the same choices under TraceRL's names
+TRL_LOSS_TYPES = {"grpo": "sequence-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "sequence-sum"}
+
+
+def _schema_field(path: str) -> tuple[Any, Any]:
+    """(type, default) of a recipe field, e.g. 'optimizer.learning_rate'."""
+    kind: Any = schema.RLConfig
+    *sections, name = path.split(".")
+    for section in sections:
+        kind = {f.name: f for f in dataclasses.fields(kind)}[section].default_factory
+    field = {f.name: f for f in dataclasses.fields(kind)}[name]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return field.type, default
+
+
+def _flat_fields() -> list[tuple[str, Any, Any]]:
+    out = []
+    for flat, path in FIELDS.items():
+        kind, default = _schema_field(path)
+        value = dataclasses.field(default_factory=lambda d=default: list(d)) if isinstance(default, list) else default
+        out.append((flat, kind, value))
+    out.append(("reward_weights", "list[float] | None", None))  # TRL's: one weight per reward function
+    out.append(("loss_type", "str | None", None))  # TRL's normalisation names (grpo, bnpo, dapo, dr_grpo)
+    out.append(("model_init_kwargs", "dict | None", None))  # load_model options: dtype, device, block_size, ...
+    return out
+
+
+def _to_recipe(self: Any) -> schema.RLConfig:
+    """The nested recipe config (validated, with the estimator's settings resolved) for these flat settings."""
+    from tracerl.recipe import validate
+
+    config = schema.RLConfig()
+    for flat, path in FIELDS.items():
+        *sections, name = path.split(".")
+        target = config
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, getattr(self, flat))
+    if self.loss_type is not None:
+        if self.loss_type not in TRL_LOSS_TYPES:
+            raise UserError(f"loss_type: {self.loss_type!r} is not one of TRL's {', '.join(TRL_LOSS_TYPES)} (TraceRL "
+                            "names the same choice loss_aggregation; policy_loss picks ppo / reinforce)")
+        config.algorithm.loss_aggregation = TRL_LOSS_TYPES[self.loss_type]
+    from tracerl.estimators import resolve
+
+    config.algorithm = resolve(config.algorithm)
+    validate(config)
+    return config
+
+
+def _from_recipe(cls: type, config: schema.RLConfig, **overrides: Any) -> Any:
+    """The flat config of a nested recipe config (its model, data, rewards and peft sections stay with the
+    recipe: the trainer takes them as arguments, as GRPOTrainer does)."""
+    values = {}
+    for flat, path in FIELDS.items():
+        value: Any = config
+        for part in path.split("."):
+            value = getattr(value, part)
+        values[flat] = value
+    values["reward_weights"] = [r.weight for r in config.rewards] or None
+    return cls(**{**values, **overrides})
+
+
+TraceRLConfig = dataclasses.make_dataclass(
+    "TraceRLConfig", _flat_fields(),
+    namespace={"to_recipe": _to_recipe, "from_recipe": classmethod(_from_recipe), "__module__": __name__},
+)
+TraceRLConfig.__doc__ = ("Flat training arguments, GRPOConfig-style; every field is one recipe field (tracerl.api."
+                         "FIELDS), plus TRL's reward_weights, loss_type and model_init_kwargs.")
+
+
+class TraceRLTrainer:
+    """TRL-shaped trainer over TraceRL's RL loop (tracerl.trainer.RLTrainer).
+
+    model: a local checkpoint directory (published layout, TraceRL checkpoint, SFT output or LoRA adapter) or a
+    DiffusionLM. reward_funcs: one or a list of TRL-signature callables, built-in names ("math", "sudoku", ...),
+    "module:function" / "file.py:function" specs or reward-model directories; weighted by args.reward_weights.
+    train_dataset / eval_dataset: datasets.Dataset or a list of dicts with a "prompt" column (a string or chat
+    messages); every other column reaches the reward functions. peft_config: a peft.LoraConfig.
+    processing_class: a tokenizer to use instead of the checkpoint's. Under the `deepspeed` launcher the ranks
+    come from the environment (LOCAL_RANK) and args.deepspeed names the DeepSpeed JSON config.
+    """
+
+    def __init__(self, model: Any, reward_funcs: Any, args: Any = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, peft_config: Any = None, processing_class: Any = None):
+        from tracerl.build import make_backend
+        from tracerl.trainer import RLTrainer
+
+        self.args = args if args is not None else TraceRLConfig()
+        config = self.args.to_recipe()
+        if train_dataset is None:
+            raise UserError("TraceRLTrainer: train_dataset is required (rows with a 'prompt' column)")
+        rows = _rows(train_dataset, "train_dataset")
+        eval_rows = _rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        rewards = _reward_set(reward_funcs, self.args, config)
+        local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+        backend = make_backend(config, local_rank)  # before the model loads: "cuda" then means this rank's GPU
+        self.model = _model(model, self.args.model_init_kwargs, peft_config)
+        if processing_class is not None:
+            self.model.tokenizer = processing_class
+        self.config = config
+        self.trainer = RLTrainer(config, self.model, rewards, rows, backend=backend, eval_rows=eval_rows)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, float]]:
+        """Run `max_steps` RL steps; resume_from_checkpoint: a checkpoint directory, or True for the latest one in
+        output_dir. Returns the per-step metrics."""
+        if resume_from_checkpoint is not None:
+            self.trainer.config.trainer.resume_from_checkpoint = ("latest" if resume_from_checkpoint is True
+                                                                  else str(resume_from_checkpoint) or None)
+        return self.trainer.train()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out reward and accuracy on eval_dataset (greedy unless eval_temperature is set)."""
+        if not self.trainer.eval_rows:
+            raise UserError("TraceRLTrainer.evaluate: no eval_dataset was given")
+        return self.trainer.evaluate_held_out()
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """The policy (or its LoRA adapter) in Hugging Face layout."""
+        from tracerl.checkpoint import save_weights
+
+        save_weights(self.trainer, Path(output_dir or self.args.output_dir))
+
+
+def _rows(dataset: Any, name: str) -> list[dict[str, Any]]:
+    rows = [dict(r) for r in dataset]
+    if not rows:
+        raise UserError(f"{name}: no rows")
+    missing = [i for i, r in enumerate(rows) if "prompt" not in r]
+    if missing:
+        raise UserError(f"{name}: row {missing[0]} has no 'prompt' column (columns: {sorted(rows[missing[0]])}); "
+                        "TRL-style datasets carry the prompt in 'prompt'")
+    return rows
+
+
+def _reward_set(reward_funcs: Any, args: Any, config: schema.RLConfig) -> Any:
+    from reward_models import RewardSet, RewardSpecError
+
+    if hasattr(reward_funcs, "total") or type(reward_funcs).__name__ == "RewardSet":
+        return reward_funcs  # already combined (the CLI builds one from the recipe)
+    funcs: Sequence[Any] = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    weights = args.reward_weights or [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise UserError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions")
+    try:
+        return RewardSet([{"fn": f, "weight": w} for f, w in zip(funcs, weights)], on_error=config.reward_on_error,
+                         timeout_s=config.reward_timeout_s)
+    except RewardSpecError as exc:
+        raise UserError(f"reward_funcs: {exc}") from None
+
+
+def _model(model: Any, init_kwargs: dict | None, peft_config: Any) -> Any:
+    """A DiffusionLM from a path (or the recipe's model section), with LoRA from a peft.LoraConfig (or the recipe's
+    peft section)."""
+    from tracerl.build import build_model
+    from tracerl.models import DiffusionLM
+
+    if isinstance(model, schema.ModelConfig):  # the CLI: the recipe's sections
+        return build_model(model, peft_config if isinstance(peft_config, schema.PeftSection) else None)
+    if not isinstance(model, DiffusionLM):
+        known = {"dtype", "device", "block_size", "mask_token_id", "trust_remote_code", "tokenizer"}
+        kwargs = dict(init_kwargs or {})
+        if "torch_dtype" in kwargs:  # TRL's spelling
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        unknown = set(kwargs) - known
+        if unknown:
+            raise UserError(f"model_init_kwargs: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        model = build_model(dataclasses.replace(schema.ModelConfig(path=str(model)), **kwargs))
+    if peft_config is not None:
+        from tracerl.peft_utils import apply_lora_config
+
+        model = apply_lora_config(model, peft_config)
+    return model
+
+
+def train_from_recipe(config: schema.RLConfig, rewards: Any, rows: list, eval_rows: list | None
+                      ) -> list[dict[str, float]]:
+    """What `tracerl train` runs: the recipe's sections as TraceRLTrainer arguments."""
+    trainer = TraceRLTrainer(model=config.model, reward_funcs=rewards, args=TraceRLConfig.from_recipe(config),
+                             train_dataset=rows, eval_dataset=eval_rows, peft_config=config.peft)
+    return trainer.train()
+
+
+__all__ = ["FIELDS", "TraceRLConfig", "TraceRLTrainer", "train_from_recipe"]

@@ -1,0 +1,100 @@
+"""Rollout + scoring, the one path training and evaluation share: prompts -> G completions each -> rewards.
+
+    batch = sample_and_score(model, rows, rollout_config, reward_fn, num_generations=G, seeds=...)
+    batch.traj, batch.completions, batch.rewards [N], batch.process [N, T] | None, batch.metrics
+
+Completion g of row i samples from its own seed (`seeds[i][g]`), so what a prompt gets depends on the policy and
+that seed only: not on the batch, the rank or the evaluation batch size. A reward function is a RewardSet
+(reward_models) or any TRL-signature callable; both may return process rewards (reward_models.ProcessReward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from tracerl.credit import process_table
+from tracerl.data import columns_of
+from tracerl.models.base import DiffusionLM
+from tracerl.models.prompting import format_prompt
+from tracerl.rollout import RolloutConfig, Trajectory, generate
+from tracerl.rollout.display import completions as decode_completions
+
+
+@dataclass
+class ScoredBatch:
+    traj: Trajectory  # N = rows x G completions, rows in order, G consecutive completions per row
+    prompts: list[Any]  # [N] each completion's prompt, as the dataset holds it
+    completions: list[str]  # [N] decoded completion texts
+    columns: dict[str, list[Any]]  # the rows' other columns, one value per completion (the rewards' kwargs)
+    rewards: Tensor  # [N] float32 total reward; NaN = no reward function applied
+    per_function: dict[str, list[float]]  # each reward function's values (NaN where it returned None)
+    metrics: dict[str, float] = field(default_factory=dict)  # rewards/<name>/mean, reward_errors/<name>, ...
+    process: Tensor | None = None  # [N, T] float32 per-step process rewards (NaN = none), or None
+
+
+def sample_and_score(
+    model: DiffusionLM,
+    rows: Sequence[dict[str, Any]],
+    rollout: RolloutConfig,
+    reward_fn: Callable[..., Any],
+    num_generations: int,
+    seeds: Sequence[Sequence[int]],
+    use_chat_template: bool = False,
+    system_prompt: str | None = None,
+    group_offset: int = 0,
+    trainer_state: dict[str, int] | None = None,
+) -> ScoredBatch:
+    """Generate `num_generations` completions for each row (seeds [rows][G]) and score them.
+
+    group_offset numbers this batch's groups after other ranks' (group ids must not collide when gathered).
+    """
+    G, tok = num_generations, model.tokenizer
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    ids = [tok(format_prompt(tok, p, use_chat_template, system_prompt), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    group_id = torch.arange(len(rows)).repeat_interleave(G) + group_offset
+    traj = generate(model, ids, rollout, group_id=group_id, row_seeds=[s for row in seeds for s in row])
+    texts = decode_completions(traj, tok)
+    columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns_of(rows).items()}
+    state = trainer_state or {"step": -1, "epoch": 0}
+    result = reward_fn(prompts, texts, trajectory=traj, trainer_state=state, **columns)
+    rewards, per_function, metrics, steps, tokens = _read_rewards(result)
+    process = None if steps is None and tokens is None else process_table(steps, tokens, traj.unmask_step,
+                                                                          traj.action_mask)
+    if process is not None:
+        given = process[torch.isfinite(process)]
+        metrics["rewards/process/mean"] = given.mean().item()
+        metrics["rewards/process/steps_per_sequence"] = given.numel() / max(len(texts), 1)
+    return ScoredBatch(traj, prompts, texts, columns, rewards, per_function, metrics, process)
+
+
+def _read_rewards(result: Any) -> tuple[Tensor, dict[str, list[float]], dict[str, float], Tensor | None,
+                                        Tensor | None]:
+    """(total [N], per function, metrics, step rewards, token rewards) of a RewardSet result or a plain list."""
+    from reward_models.protocol import split_reward
+
+    if hasattr(result, "total"):  # a reward_models.RewardSet result
+        per = torch.as_tensor(result.per_function)
+        per_function = {name: per[:, j].tolist() for j, name in enumerate(result.names)}
+        return (torch.as_tensor(result.total, dtype=torch.float32), per_function, dict(result.metrics),
+                result.step_rewards, result.token_rewards)
+    parts = [split_reward(v) for v in result]  # a bare TRL-style function
+    totals = torch.tensor([float("nan") if o is None else float(o) for o, _, _ in parts], dtype=torch.float32)
+    return totals, {"reward": totals.tolist()}, {}, nan_table([p[1] for p in parts]), nan_table([p[2] for p in parts])
+
+
+def nan_table(rows: list[list | None]) -> Tensor | None:
+    """Ragged lists of floats / None -> [N, width] float32 with NaN for None and missing entries (None: no rows)."""
+    width = max((len(r) for r in rows if r is not None), default=0)
+    if not width:
+        return None
+    out = torch.full((len(rows), width), float("nan"))
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r or []):
+            if v is not None:
+                out[i, j] = v
+    return out
