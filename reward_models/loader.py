@@ -43,10 +43,12 @@ _SPEC_KEYS = {"fn", "path", "name", "weight", "kwargs"}
 
 @dataclass
 class RewardSpec:
-    fn: Any  # str locator or a callable
-    name: str | None = None  # metrics name; default: the function's __name__ / the built-in's name
-    weight: float = 1.0
-    kwargs: dict = field(default_factory=dict)
+    """One reward as a recipe (`rewards:` entries) or a Python caller names it."""
+
+    fn: Any = ""  # built-in name | pkg.module:function | path/file.py:function | reward-model directory | a callable
+    name: str | None = None  # metrics name (rewards/<name>/mean); default: the function's / built-in's name
+    weight: float = 1.0  # weight in the total reward
+    kwargs: dict[str, Any] = field(default_factory=dict)  # options passed to the built-in / factory
 
 
 def _from_dict(item: dict) -> RewardSpec:
@@ -73,15 +75,13 @@ def _is_spec_object(item: Any) -> bool:
 
 
 def parse_spec(item: Any) -> RewardSpec:
-    """A RewardSpec from a string, callable, (spec, weight) pair, dict, RewardSpec, or any dataclass with
-    the same fields (e.g. tracerl.config.RewardSpec from a recipe)."""
-    if isinstance(item, RewardSpec):
-        return item
+    """A RewardSpec from a string, callable, (spec, weight) pair, dict, RewardSpec (a recipe's `rewards:` entry:
+    with no fn, its name is the spec), or any dataclass with the same fields."""
     if isinstance(item, tuple) and len(item) == 2:
         spec = parse_spec(item[0])
         spec.weight = item[1]
         return spec
-    if _is_spec_object(item):
+    if isinstance(item, RewardSpec) or _is_spec_object(item):
         item = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
     if isinstance(item, dict):
         return _from_dict(item)

@@ -92,3 +92,26 @@ def test_validate_cli_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tracerl", "validate", good, "trainer.max_step=4"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean trainer.max_steps?" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.resume_from_checkpoint=latest", "trainer.resume_from_checkpoint: unknown key"),
+    ("distributed.deepspeed=recipes/deepspeed/zero2.json", "distributed: unknown key"),
+    ("trainer.num_generations=4", "trainer.num_generations: unknown key"),
+])
+def test_sft_refuses_rl_only_keys(tmp_path, override, message):
+    from tracerl.config import SFTConfig
+
+    path = write(tmp_path, {"sft": {"max_completion_length": 8}})
+    with pytest.raises(UserError, match=message):
+        load_config(path, [override], kind=SFTConfig)
+
+
+def test_choices_are_declared_once_as_literal_types():
+    """The loader reads a field's choices from its Literal type; `validate` names them."""
+    from tracerl.choices import Remasking, options
+    from tracerl.rollout.config import REMASKING
+
+    assert options(Remasking) == REMASKING
+    with pytest.raises(UserError, match="algorithm.kl_estimator: 'k4' is not one of k1, k2, k3"):
+        load_config(None, ["algorithm.kl_estimator=k4"])

@@ -1,18 +1,35 @@
 """The recipe schema: typed sections of dataclasses. Field names follow TRL's GRPOConfig where the meaning is the
-same; diffusion fields are named as the field names them. Every field's comment is its help text."""
+same; diffusion fields are named as the field names them. Every field's comment is its help text.
+
+Closed choices are Literal types (tracerl/choices.py), checked as the recipe is read; every section checks its own
+values (`validate`, raising UserError with the key path), and RLConfig.validate the combinations across sections.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
+from reward_models.loader import RewardSpec
+from tracerl.choices import Aggregation, DType, KLKind, LossType, OldLogprobs, OnError, ScaleRewards
+from tracerl.errors import UserError
 from tracerl.rollout.config import RolloutConfig
+
+__all__ = ["AlgorithmConfig", "DataConfig", "DistributedConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
+           "OptimizerConfig", "PeftSection", "RLConfig", "RewardSpec", "SFTConfig", "SFTSection",
+           "SFTTrainerConfig", "TrainerConfig"]
+
+
+def _positive(section: str, **values: float | int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{section}.{key}: must be > 0, got {value}")
 
 
 @dataclass
 class ModelConfig:
     path: str = ""  # local checkpoint directory (Hugging Face layout)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
+    dtype: DType = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     block_size: int | None = None  # block-diffusion families: override the checkpoint's block size
     mask_token_id: int | None = None  # override the checkpoint's [MASK] id
@@ -63,19 +80,20 @@ class AlgorithmConfig:
     shrink: int = 1  # TraceRL step shrinkage s: merge every s consecutive trace steps into one training state
     p_mask_prompt: float | None = None  # d1 / wd1: probability of masking each prompt token (unset: 0.15 as
     #   published; 0 for trace and coupled)
-    loss_type: str | None = None  # ppo (clipped ratio) | reinforce (no ratio); unset: the estimator's (wd1: its own)
+    loss_type: LossType | None = None  # ppo (clipped ratio) | reinforce (no ratio); unset: the estimator's (wd1: its
+    #   own)
     epsilon: float = 0.2  # PPO clip: ratio kept in [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None = epsilon
     log_ratio_clamp: float = 20.0  # |log ratio| is clamped before exp for stability
     beta: float = 0.0  # KL coefficient against the frozen reference policy (0 = no reference model)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    loss_aggregation: str | None = None  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO) |
+    kl_estimator: KLKind = "k3"  # k1 | k2 | k3
+    loss_aggregation: Aggregation | None = None  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO) |
     #   microbatch-token-mean (d1, coupled: sum(m l) / sum(m) per micro-batch) | microbatch-sum (wd1); unset: the
     #   estimator's (trace: token-mean)
-    scale_rewards: str | None = None  # group | batch | none: divide the group-relative advantage by which std;
+    scale_rewards: ScaleRewards | None = None  # group | batch | none: divide the group-relative advantage by which std;
     #   unset: the estimator's (trace: group, as TRL; d1, coupled, wd1: none, as published)
     drop_zero_std_groups: bool = False  # groups whose rewards are all equal carry no signal: drop their rows
-    old_logprobs: str = "recompute"  # recompute (pre-update weights) | rollout (behaviour log-probs, trace only)
+    old_logprobs: OldLogprobs = "recompute"  # recompute (pre-update weights) | rollout (behaviour log-probs, trace only)
     entropy_coef: float = 0.0  # entropy bonus coefficient
     num_iterations: int = 1  # PPO epochs over each rollout batch (TRL's num_iterations)
     use_value_model: bool = False  # TraceRL's diffusion value model with step-level GAE
@@ -86,6 +104,29 @@ class AlgorithmConfig:
     whiten_advantages: bool = True  # normalise GAE advantages over the batch (value-model path; as PPO and verl do)
     process_reward_coef: float = 1.0  # weight of process (per-step / per-token) rewards against the outcome, after
     #   each is normalised (group baselines) or in the GAE rewards (value model); 0 = ignore them
+
+    def validate(self) -> None:
+        from tracerl.estimators import spec
+
+        spec(self.estimator)  # names the estimators (and a renamed one's new name)
+        _positive("algorithm", shrink=self.shrink, num_iterations=self.num_iterations)
+        for key in ("epsilon", "beta", "entropy_coef", "log_ratio_clamp"):
+            if getattr(self, key) < 0:
+                raise UserError(f"algorithm.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"algorithm.{key}: must lie in [0, 1], got {getattr(self, key)}")
+        if self.num_iterations > 1 and self.loss_type == "reinforce":
+            raise UserError("algorithm.num_iterations > 1 needs algorithm.loss_type=ppo (REINFORCE has no ratio to "
+                            "clip a stale policy with)")
+        if self.old_logprobs == "rollout" and self.estimator != "trace":
+            raise UserError("algorithm.old_logprobs=rollout needs algorithm.estimator=trace: the behaviour log-probs "
+                            f"were taken on the rollout's own states, not on {self.estimator}'s random masks")
+        if self.old_logprobs == "rollout" and self.shrink != 1:
+            raise UserError("algorithm.old_logprobs=rollout needs algorithm.shrink=1: a merged step is replayed from "
+                            "the state before its first step, not the states the behaviour log-probs were taken on")
+        if self.use_value_model and self.estimator != "trace":
+            raise UserError("algorithm.use_value_model needs algorithm.estimator=trace (values live on trace steps)")
 
 
 @dataclass
@@ -98,6 +139,11 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0  # gradient clipping (None = off)
     lr_scheduler_type: str = "constant"  # any transformers scheduler name: constant | linear | cosine | ...
     warmup_ratio: float = 0.0  # share of the optimizer steps spent warming the learning rate up
+
+    def validate(self) -> None:
+        _positive("optimizer", learning_rate=self.learning_rate)
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"optimizer.warmup_ratio: must lie in [0, 1], got {self.warmup_ratio}")
 
 
 @dataclass
@@ -116,20 +162,36 @@ class TrainerConfig:
     eval_steps: int = 0  # evaluate the eval data every N steps, and before the first and after the last (0 = off)
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
 
+    def validate(self) -> None:
+        _positive("trainer", max_steps=self.max_steps, num_generations=self.num_generations,
+                  per_device_train_batch_size=self.per_device_train_batch_size,
+                  gradient_accumulation_steps=self.gradient_accumulation_steps)
+        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if per_step % self.num_generations:
+            raise UserError(
+                f"trainer.per_device_train_batch_size x trainer.gradient_accumulation_steps = {per_step} completions "
+                f"per step is not a multiple of trainer.num_generations={self.num_generations}")
+
+
+@dataclass
+class SFTTrainerConfig:
+    max_steps: int = 100  # optimizer steps
+    per_device_train_batch_size: int = 8  # rows per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # seeds the row order and the masks
+    output_dir: str = "outputs/sft"  # metrics.jsonl, W&B files and the final model (output_dir/final) go here
+    logging_steps: int = 1  # print a metrics line every N steps (metrics.jsonl gets every step)
+
+    def validate(self) -> None:
+        _positive("trainer", max_steps=self.max_steps, per_device_train_batch_size=self.per_device_train_batch_size,
+                  gradient_accumulation_steps=self.gradient_accumulation_steps)
+
 
 @dataclass
 class LoggingConfig:
     report_to: list[str] = field(default_factory=list)  # [] | [wandb]
     project: str | None = None  # W&B project (default: $WANDB_PROJECT or "tracerl")
     run_name: str | None = None  # W&B run name (default: W&B's own)
-
-
-@dataclass
-class RewardSpec:
-    fn: str = ""  # built-in name | pkg.module:function | path/file.py:function | reward-model directory
-    name: str | None = None  # metric name (rewards/<name>/mean); default: derived from fn
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)  # options passed to the built-in / factory
 
 
 @dataclass
@@ -141,7 +203,7 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rewards: list[RewardSpec] = field(default_factory=list)  # reward functions, summed with their weights
-    reward_on_error: str = "raise"  # raise | zero: a reward that fails is an error, or scores 0 and is counted
+    reward_on_error: OnError = "raise"  # raise | zero: a reward that fails is an error, or scores 0 and is counted
     reward_timeout_s: float | None = None  # a reward call taking longer is an error (or 0 with on_error: zero)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -149,6 +211,27 @@ class RLConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Every section's own checks, then the combinations across sections (before any model loads)."""
+        try:
+            self.rollout.validate()
+            if self.rollout.block_length is not None:  # else the model's block size decides, checked at load
+                self.rollout.resolve_block_length(None)
+        except UserError as exc:
+            raise UserError(f"rollout.{exc}") from None
+        for section in (self.algorithm, self.optimizer, self.trainer):
+            section.validate()
+        if self.eval.batch_size <= 0 or self.eval.num_generations <= 0:
+            raise UserError("eval.batch_size and eval.num_generations must be > 0")
+        ds = self.distributed.deepspeed
+        if ds and not Path(ds).expanduser().is_file():
+            raise UserError(f"distributed.deepspeed: DeepSpeed config {ds!r} does not exist (shipped ones: "
+                            "recipes/deepspeed/zero2.json, zero3.json, zero3_offload.json)")
+        for i, spec in enumerate(self.rewards):
+            if not spec.fn:
+                raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "
+                                "file.py:function or a reward-model directory)")
 
 
 @dataclass
@@ -158,16 +241,26 @@ class SFTSection:
     #   end: LLaDA's recipe trains on the EOS padding)
     mask_eps: float = 1e-3  # mask ratio t ~ U(mask_eps, 1); the loss is weighted by 1 / t
 
+    def validate(self) -> None:
+        _positive("sft", max_completion_length=self.max_completion_length)
+        if not 0.0 < self.mask_eps < 1.0:
+            raise UserError(f"sft.mask_eps: must lie in (0, 1), got {self.mask_eps}")
+
 
 @dataclass
 class SFTConfig:
-    """A masked-diffusion supervised fine-tuning run (warm starts, the demo model)."""
+    """A masked-diffusion supervised fine-tuning run (warm starts, the demo model). Single process: RL-only keys
+    (a DeepSpeed config, resume_from_checkpoint, num_generations, ...) are unknown keys here, not silently
+    ignored ones."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTSection = field(default_factory=SFTSection)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
     peft: PeftSection = field(default_factory=PeftSection)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for section in (self.sft, self.optimizer, self.trainer):
+            section.validate()

@@ -20,15 +20,15 @@ Everything here is bookkeeping, not differentiated: inputs are detached.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from tracerl.choices import ScaleRewards
 from tracerl.steps import dense_rank as _dense_rank
 from tracerl.steps import step_rank  # noqa: F401  (re-exported: credit.step_rank)
 
-ScaleRewards = Literal["group", "batch", "none"]
 AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the data-parallel ranks (the identity on one process)
 
 

@@ -14,9 +14,9 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-Agg = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant", "microbatch-token-mean",
-              "microbatch-sum"]
-KLKind = Literal["k1", "k2", "k3"]
+from tracerl.choices import Aggregation, KLKind
+
+Agg = Aggregation
 
 
 @dataclass

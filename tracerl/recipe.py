@@ -18,24 +18,8 @@ from typing import Any, Union
 import yaml
 
 from tracerl import config as schema
+from tracerl.choices import options
 from tracerl.errors import UserError
-from tracerl.rollout.config import REMASKING
-
-CHOICES = {
-    "algorithm.loss_type": ("ppo", "reinforce", "wd1"),
-    "algorithm.kl_estimator": ("k1", "k2", "k3"),
-    "algorithm.loss_aggregation": ("token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant",
-                                   "microbatch-token-mean", "microbatch-sum"),
-    "algorithm.scale_rewards": ("group", "batch", "none"),
-    "algorithm.old_logprobs": ("recompute", "rollout"),
-    "reward_on_error": ("raise", "zero"),
-    "rollout.remasking": REMASKING,
-    "model.dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-}
-POSITIVE = ("optimizer.learning_rate", "trainer.max_steps", "trainer.num_generations",
-            "trainer.per_device_train_batch_size", "trainer.gradient_accumulation_steps", "algorithm.shrink",
-            "algorithm.num_iterations", "rollout.steps", "rollout.max_completion_length", "sft.max_completion_length")
-
 
 def load_config(path: str | None, overrides: list[str] | None = None, kind: type = schema.RLConfig) -> Any:
     """Read a recipe (or start from defaults when path is None), apply overrides, build and validate `kind`."""
@@ -101,8 +85,12 @@ def build(kind: type, raw: Any, prefix: str) -> Any:
 
 
 def convert(tp: Any, value: Any, path: str) -> Any:
-    """Check/convert one value against a type hint (dataclass, Optional, list, dict, scalars)."""
+    """Check/convert one value against a type hint (dataclass, Optional, Literal choices, list, dict, scalars)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise UserError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -151,39 +139,8 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
 
 
 def validate(config: Any) -> None:
-    """Value checks that need more than a type: choices, ranges, impossible combinations."""
-    flat = dict(walk(config))
-    for key, allowed in CHOICES.items():
-        if key in flat and flat[key] not in allowed:
-            raise UserError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
-    for key in POSITIVE:
-        if key in flat and flat[key] is not None and flat[key] <= 0:
-            raise UserError(f"{key}: must be > 0, got {flat[key]}")
-    if isinstance(config, schema.RLConfig):
-        _validate_rl(config)
-
-
-def _validate_rl(config: schema.RLConfig) -> None:
-    from tracerl.trainer import check_combination
-
-    try:
-        config.rollout.validate()
-        if config.rollout.block_length is not None:  # else the model's block size decides, checked at load
-            config.rollout.resolve_block_length(None)
-    except UserError as exc:
-        raise UserError(f"rollout.{exc}") from None
-    if config.algorithm.num_iterations > 1 and config.algorithm.loss_type == "reinforce":  # (wd1 has its own loss)
-        raise UserError("algorithm.num_iterations > 1 needs algorithm.loss_type=ppo (REINFORCE has no ratio to clip "
-                        "a stale policy with)")
-    check_combination(config)
-    ds = config.distributed.deepspeed
-    if ds and not Path(ds).expanduser().is_file():
-        raise UserError(f"distributed.deepspeed: DeepSpeed config {ds!r} does not exist (shipped ones: "
-                        "recipes/deepspeed/zero2.json, zero3.json, zero3_offload.json)")
-    for i, spec in enumerate(config.rewards):
-        if not spec.fn:
-            raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "
-                            "file.py:function or a reward-model directory)")
+    """Value checks that need more than a type (ranges, impossible combinations): each section's own `validate`."""
+    config.validate()
 
 
 def walk(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
@@ -238,4 +195,6 @@ def _path(prefix: str, key: Any) -> str:
 
 
 def _name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(options(tp))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))

@@ -64,7 +64,7 @@ class RLTrainer:
         self.eval_rows = eval_rows  # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
         self.backend = backend or LocalBackend()
         alg, tr = config.algorithm, config.trainer
-        check_combination(config)
+        config.validate()  # impossible combinations fail before any model work, naming the keys
         # model copies (value body, reference) are made before any engine partitions the policy's parameters
         self.value_model = ValueModel.from_policy(model) if alg.use_value_model else None
         spec = EngineSpec(completions_per_step(tr), config.optimizer.max_grad_norm,
@@ -601,20 +601,3 @@ def _finish(sums: dict[str, float]) -> dict[str, float]:
 
 def completions_per_step(tr: TrainerConfig) -> int:
     return tr.per_device_train_batch_size * tr.gradient_accumulation_steps
-
-
-def check_combination(config: RLConfig) -> None:
-    """Impossible combinations fail before any model work, naming the keys."""
-    alg, tr = config.algorithm, config.trainer
-    if completions_per_step(tr) % tr.num_generations:
-        raise UserError(
-            f"trainer.per_device_train_batch_size x trainer.gradient_accumulation_steps = {completions_per_step(tr)}"
-            f" completions per step is not a multiple of trainer.num_generations={tr.num_generations}")
-    if alg.old_logprobs == "rollout" and alg.estimator != "trace":
-        raise UserError("algorithm.old_logprobs=rollout needs algorithm.estimator=trace: the behaviour log-probs "
-                        f"were taken on the rollout's own states, not on {alg.estimator}'s random masks")
-    if alg.old_logprobs == "rollout" and alg.shrink != 1:
-        raise UserError("algorithm.old_logprobs=rollout needs algorithm.shrink=1: a merged step is replayed from the "
-                        "state before its first step, not the states the behaviour log-probs were taken on")
-    if alg.use_value_model and alg.estimator != "trace":
-        raise UserError("algorithm.use_value_model needs algorithm.estimator=trace (values live on trace steps)")

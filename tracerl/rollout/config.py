@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tracerl.choices import Remasking, options
 from tracerl.errors import UserError
 
-CONFIDENCE_POLICIES = ("low_confidence", "top_margin", "entropy", "random")
+REMASKING = options(Remasking)
+CONFIDENCE_POLICIES = REMASKING[:4]  # ("low_confidence", "top_margin", "entropy", "random")
 SEDD_SAMPLERS = ("sedd_euler", "sedd_analytic")  # read a SEDD model's score mass
 PUBLISHED_SAMPLERS = ("mdlm_ancestral", *SEDD_SAMPLERS)  # tracerl/rollout/published.py
-REMASKING = CONFIDENCE_POLICIES + PUBLISHED_SAMPLERS
 _MASK64 = (1 << 64) - 1
 
 
@@ -31,7 +32,7 @@ class RolloutConfig:
     max_completion_length: int = 64  # L: response tokens generated per prompt
     steps: int = 64  # denoising steps over the whole response (static schedule)
     block_length: int | None = None  # semi-AR block length; None = the model's block_size (block diffusion) or L
-    remasking: str = "low_confidence"  # which masked positions to commit first: low_confidence | top_margin |
+    remasking: Remasking = "low_confidence"  # which masked positions to commit first: low_confidence | top_margin |
     #   entropy | random; or a published sampler that unmasks each position at random on its own time grid, steps /
     #   num_blocks grid steps per block (+ one final forward for what is left): mdlm_ancestral (any family),
     #   sedd_euler | sedd_analytic (SEDD models: the probability reads the score mass)
