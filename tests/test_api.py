@@ -48,6 +48,18 @@ def test_every_flat_field_is_one_recipe_field_with_its_default():
         assert trl_name in {f.name for f in dataclasses.fields(TraceRLConfig)}, trl_name
 
 
+def test_every_recipe_setting_has_a_flat_field():
+    """A recipe key the flat config lacked would be dropped silently on the way through the API (the CLI's path)."""
+    from tracerl.api import NOT_FLAT
+    from tracerl.recipe import walk
+
+    covered = set(FIELDS.values()) | NOT_FLAT
+    sections = ("rollout", "algorithm", "optimizer", "trainer", "logging", "eval", "distributed")
+    keys = [k for k, _ in walk(RLConfig()) if k.split(".")[0] in sections or "." not in k]
+    missing = [k for k in keys if k not in covered and k != "rewards"]
+    assert not missing, missing
+
+
 def test_a_recipe_maps_onto_the_flat_config_and_back(monkeypatch):
     monkeypatch.chdir(ROOT)
     recipe = load_config("recipes/sudoku_tracerl.yaml")

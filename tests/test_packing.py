@@ -76,7 +76,7 @@ def test_baseline_estimators_see_clean_context_on_block_models(block_model, esti
                          generator=torch.Generator().manual_seed(1))
     assert batch.block is not None  # packed, not the model's block-causal attention over [MASK]ed blocks
     targets = batch.targets(traj)
-    packed_lp, _ = token_logprobs(block_model, batch, targets, 1.0)
+    packed_lp = token_logprobs(block_model, batch, targets, 1.0).logprob
     packed_lp = torch.where(batch.loss_mask, packed_lp, 0.0)  # columns another row scores are not this row's
     reference = _block_at_a_time_logprobs(block_model, traj, batch, targets)
     torch.testing.assert_close(packed_lp, reference, atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ def test_trace_rows_reproduce_behaviour_logprobs(kind, full_model, block_model):
     model = full_model if kind == "full" else block_model
     traj = _rollout(model)
     batch = build_replay(traj, traj.unmask_step, "trace")
-    lp, _ = token_logprobs(model, batch, batch.targets(traj), temperature=1.0)
+    lp = token_logprobs(model, batch, batch.targets(traj), temperature=1.0).logprob
     old = batch.gather(traj.behaviour_logprob)
     assert (lp - old)[batch.loss_mask].abs().max().item() < 1e-5
     # every action token is scored exactly once
@@ -39,7 +39,7 @@ def test_packed_block_replay_costs_max_steps_per_block(block_model):
     shrunk = shrink_steps(traj.unmask_step, traj.action_mask, 2, traj.block_of_position())
     assert build_replay(traj, shrunk, "trace").forwards_per_response == 2
     # the packed rows equal the rollout's states: log-probs agree at 1e-5 in float32
-    lp, _ = token_logprobs(block_model, batch, batch.targets(traj), 1.0)
+    lp = token_logprobs(block_model, batch, batch.targets(traj), 1.0).logprob
     assert (lp - batch.gather(traj.behaviour_logprob))[batch.loss_mask].abs().max() < 1e-5
 
 

@@ -42,7 +42,7 @@ FIELDS: dict[str, str] = {
     "max_completion_length": "rollout.max_completion_length", "steps": "rollout.steps",
     "block_length": "rollout.block_length", "remasking": "rollout.remasking", "threshold": "rollout.threshold",
     "temperature": "rollout.temperature", "top_p": "rollout.top_p", "top_k": "rollout.top_k",
-    "use_kv_cache": "rollout.use_kv_cache",
+    "use_kv_cache": "rollout.use_kv_cache", "cache": "rollout.cache", "cache_horizon": "rollout.cache_horizon",
     # algorithm
     "estimator": "algorithm.estimator", "shrink": "algorithm.shrink", "p_mask_prompt": "algorithm.p_mask_prompt",
     "policy_loss": "algorithm.loss_type", "epsilon": "algorithm.epsilon", "epsilon_high": "algorithm.epsilon_high",
@@ -53,6 +53,7 @@ FIELDS: dict[str, str] = {
     "use_value_model": "algorithm.use_value_model", "gamma": "algorithm.gamma", "lam": "algorithm.lam",
     "value_clip": "algorithm.value_clip", "value_learning_rate": "algorithm.value_learning_rate",
     "whiten_advantages": "algorithm.whiten_advantages", "process_reward_coef": "algorithm.process_reward_coef",
+    "rollout_correction": "algorithm.rollout_correction", "tis_cap": "algorithm.tis_cap",
     # rewards
     "reward_on_error": "reward_on_error", "reward_timeout_s": "reward_timeout_s",
     # optimizer
@@ -74,6 +75,9 @@ FIELDS: dict[str, str] = {
     "eval_num_generations": "eval.num_generations", "eval_success_threshold": "eval.success_threshold",
     "deepspeed": "distributed.deepspeed",
 }
+# recipe fields with no flat counterpart: the trainer takes model, data, rewards and peft as arguments, and the
+# rollout seed is derived from `seed` per prompt and step
+NOT_FLAT = {"rollout.seed", "eval.output_file"}
 # TRL's loss_type names the loss normalisation: the same choices under TraceRL's names
 TRL_LOSS_TYPES = {"grpo": "sequence-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "sequence-sum"}
 

@@ -10,6 +10,7 @@ from typing import Literal, get_args
 
 Remasking = Literal["low_confidence", "top_margin", "entropy", "random", "mdlm_ancestral", "sedd_euler",
                     "sedd_analytic"]
+CacheMode = Literal["none", "prefix", "dual"]
 LossType = Literal["ppo", "reinforce", "wd1"]
 KLKind = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant", "microbatch-token-mean",
@@ -17,6 +18,7 @@ Aggregation = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum"
 ScaleRewards = Literal["group", "batch", "none"]
 OldLogprobs = Literal["recompute", "rollout"]
 OnError = Literal["raise", "zero"]
+RolloutCorrection = Literal["none", "tis"]
 DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 
 

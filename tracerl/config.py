@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_models.loader import RewardSpec
-from tracerl.choices import Aggregation, DType, KLKind, LossType, OldLogprobs, OnError, ScaleRewards
+from tracerl.choices import (Aggregation, DType, KLKind, LossType, OldLogprobs, OnError, RolloutCorrection,
+                             ScaleRewards)
 from tracerl.errors import UserError
 from tracerl.rollout.config import RolloutConfig
 
@@ -104,6 +105,10 @@ class AlgorithmConfig:
     whiten_advantages: bool = True  # normalise GAE advantages over the batch (value-model path; as PPO and verl do)
     process_reward_coef: float = 1.0  # weight of process (per-step / per-token) rewards against the outcome, after
     #   each is normalised (group baselines) or in the GAE rewards (value model); 0 = ignore them
+    rollout_correction: RolloutCorrection = "none"  # none | tis: weight each token's policy loss by
+    #   min(pi_old / pi_sampler, tis_cap), the truncated importance weight of a sampler that is not the model
+    #   (rollout.cache's approximate forwards); trace estimator, shrink 1, old_logprobs recompute
+    tis_cap: float = 2.0  # C of the truncated importance weight (verl's recipe value)
 
     def validate(self) -> None:
         from tracerl.estimators import spec
@@ -125,6 +130,13 @@ class AlgorithmConfig:
         if self.old_logprobs == "rollout" and self.shrink != 1:
             raise UserError("algorithm.old_logprobs=rollout needs algorithm.shrink=1: a merged step is replayed from "
                             "the state before its first step, not the states the behaviour log-probs were taken on")
+        if self.rollout_correction == "tis" and (self.estimator != "trace" or self.shrink != 1
+                                                  or self.old_logprobs != "recompute"):
+            raise UserError("algorithm.rollout_correction=tis needs algorithm.estimator=trace, algorithm.shrink=1 and "
+                            "algorithm.old_logprobs=recompute: it weighs the replay's old log-prob against the "
+                            "sampler's, token by token on the states the sampler visited")
+        if self.tis_cap <= 0:
+            raise UserError(f"algorithm.tis_cap: must be > 0, got {self.tis_cap}")
         if self.use_value_model and self.estimator != "trace":
             raise UserError("algorithm.use_value_model needs algorithm.estimator=trace (values live on trace steps)")
 

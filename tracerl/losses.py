@@ -243,11 +243,15 @@ def policy_loss(
     kl_kind: KLKind = "k3",
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """loss = sum_j w_j [ l_j + beta KL_j - entropy_coef H_j ]   (all per-token tensors [R, L]).
 
     ppo:        l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A),  rho = exp(clamp(logp - old, +-clamp))
     reinforce:  l = -A logp   (old_logprob optional; only used for the ratio metrics)
+    is_weights [R, L] (detached): multiply l before the regularisers are added, e.g. truncated importance
+    sampling min(pi_old / pi_sampler, C) for a sampler that is not the trainer's model (Yao et al. 2025, verl's
+    tis_imp_ratio_cap).
     weights: from token_weights over the whole batch (micro-batching); None = token_weights(mask, agg, step_ids)
     over this call. Metrics: clip_ratio (= clip_ratio/region_mean), clip_ratio/{low,high,region}_mean, kl,
     entropy, policy/ratio_mean, policy/ratio_max, policy/approx_kl = mean 0.5 (logp - old)^2.
@@ -267,6 +271,8 @@ def policy_loss(
         per_token, named = -adv * lp, {f"clip_ratio/{k}_mean": none for k in ("low", "high", "region")}
     else:
         raise ValueError(f"unknown policy loss {kind!r}")
+    if is_weights is not None:
+        per_token = per_token * torch.where(mask, is_weights.detach().to(lp.dtype), zero)
     per_token = per_token + _regularisers(lp, mask, ref_logprob, beta, kl_kind, log_ratio_clamp, entropy,
                                           entropy_coef, named)
     scalars = {}

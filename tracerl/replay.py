@@ -19,6 +19,7 @@ coupled), built per forward chunk in token space ([sequences, L]) by `ReplayBatc
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -292,11 +293,18 @@ def replay_logits(model, batch: ReplayBatch, keep: torch.Tensor | None = None) -
     return model.logits(batch.input_ids.to(dev), batch.key_padding.to(dev), keep=keep, noise_level=noise)
 
 
+class TokenScores(NamedTuple):
+    logprob: torch.Tensor  # [R, T] float32 log pi(target | row state) at scored positions, 0 elsewhere
+    entropy: torch.Tensor | None  # [R, T] entropy of the scored distribution (with_entropy)
+    top1: torch.Tensor | None  # [R, T] int64 its most likely token (with_entropy: the fidelity metrics read it)
+
+
 def token_logprobs(
     model, batch: ReplayBatch, targets: torch.Tensor, temperature: float, with_entropy: bool = False,
     top_k: int = 0, top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(target | row state) at every scored position: ([R, T] float32, 0 elsewhere; entropy [R, T] or None).
+) -> TokenScores:
+    """log pi(target | row state) at every scored position ([R, T] float32, 0 elsewhere), and with_entropy the
+    entropy and the most likely token there.
 
     pi is the distribution the sampler draws from (temperature, top-k, top-p, `[MASK]` excluded: one formula,
     `sampling_logprobs`), so the first PPO ratio is exactly 1; the published estimators' rows score the full
@@ -318,7 +326,8 @@ def token_logprobs(
     dev = picked.device
     out = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=dev).index_copy(1, cols.to(dev), picked)
     if not with_entropy:
-        return out, None
+        return TokenScores(out, None, None)
     p = logp_all.exp()
     ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)  # of the sampling distribution
-    return out, torch.zeros_like(out).index_copy(1, cols.to(dev), ent)
+    top1 = torch.zeros(out.shape, dtype=torch.long, device=dev).index_copy(1, cols.to(dev), logp_all.argmax(-1))
+    return TokenScores(out, torch.zeros_like(out).index_copy(1, cols.to(dev), ent), top1)

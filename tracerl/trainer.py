@@ -20,13 +20,11 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
 
 from tracerl import credit, losses
 from tracerl import data_parallel as dp
@@ -39,11 +37,12 @@ from tracerl.estimators import resolve as resolve_estimator
 from tracerl.estimators import spec as estimator_spec
 from tracerl.models.base import DiffusionLM
 from tracerl.peft_utils import keep_requires_grad
-from tracerl.replay import ReplayBatch, build_replay, token_logprobs
+from tracerl.replay import ReplayBatch, TokenScores, build_replay, token_logprobs
 from tracerl.rollout import Trajectory
 from tracerl.rollout.config import derive_seed
 from tracerl.scoring import ScoredBatch, sample_and_score
 from tracerl.tracking import MetricsLogger
+from tracerl.update import UpdateState, accumulate, fidelity, finish, has_dropout, make_scheduler, mean_over_rows
 from tracerl.value import Critic, ValueModel
 
 REPLAY_STREAM = 0x5E9  # keeps the replay's random masks apart from the rollouts' seeds
@@ -65,6 +64,7 @@ class RLTrainer:
         self.backend = backend or LocalBackend()
         alg, tr = config.algorithm, config.trainer
         config.validate()  # impossible combinations fail before any model work, naming the keys
+        config.rollout.check_family(model.family, model.block_size)  # a sampler or cache the model cannot take
         # model copies (value body, reference) are made before any engine partitions the policy's parameters
         self.value_model = ValueModel.from_policy(model) if alg.use_value_model else None
         spec = EngineSpec(completions_per_step(tr), config.optimizer.max_grad_norm,
@@ -368,12 +368,12 @@ class RLTrainer:
         # weights over the WHOLE batch: micro-batches then sum to exactly the full-batch loss
         weights = losses.token_weights(mask, alg.loss_aggregation, torch.where(mask, train_step, -1),
                                        microbatch=microbatch, all_reduce=self.all_reduce)
-        state = _UpdateState(mask=mask, advantages=adv.advantages, weights=weights, returns=adv.returns,
+        state = UpdateState(mask=mask, advantages=adv.advantages, weights=weights, returns=adv.returns,
                              old_values=old_values)
         state.ref = self._reference_scores(traj, replays) if alg.beta > 0 else None
         state.old = self._old_scores(traj, replays)
         if alg.estimator == "trace" and alg.shrink == 1:  # trace rows replay the sampler's own states
-            state.behaviour = traj.behaviour_logprob
+            state.behaviour, state.top1 = traj.behaviour_logprob, traj.behaviour_top1
         metrics: dict[str, float] = {}
         for epoch, rows in enumerate(replays):
             state.epoch = epoch
@@ -406,14 +406,14 @@ class RLTrainer:
             return [traj.behaviour_logprob] * len(replays)
         out: list[torch.Tensor | None] = []
         for epoch, rows in enumerate(replays):
-            if rows is replays[0] and not (epoch == 0 and _has_dropout(self.model)):
+            if rows is replays[0] and not (epoch == 0 and has_dropout(self.model)):
                 out.append(out[0] if epoch else None)  # the first epoch's (filled in by its gradient pass)
                 continue
             out.append(self._token_pass(rows, traj.num_sequences, lambda b, sl: self._token_logprobs(
                 self.model, b, b.target_ids)[0]))
         return out
 
-    def _epoch(self, trainable: Any, objectives: tuple[str, ...], replay: ReplayBatch, state: "_UpdateState"
+    def _epoch(self, trainable: Any, objectives: tuple[str, ...], replay: ReplayBatch, state: UpdateState
                ) -> dict[str, float]:
         """One pass over the replay rows for one optimizer: per forward chunk, the objectives' losses (policy,
         value, or both) summed into ONE backward, then one step. Under ZeRO every backward must touch every trained
@@ -433,7 +433,7 @@ class RLTrainer:
             trainable.backward(loss, boundary=i == len(chunks) - 1)
             if not pad:
                 for name, (out, tokens) in zip(objectives, parts):
-                    _accumulate(sums[name], out.metrics, tokens, out.loss.item() if name == "policy" else None)
+                    accumulate(sums[name], out.metrics, tokens, out.loss.item() if name == "policy" else None)
         if "policy" in objectives:
             state.first_epoch_done()
         grad_norm = trainable.step(self.config.optimizer.max_grad_norm)
@@ -452,9 +452,9 @@ class RLTrainer:
         self.model.eval()
         return self.value_model(batch)
 
-    def _loss(self, objective: str, state: "_UpdateState", batch: ReplayBatch, pad: bool, out: Any
+    def _loss(self, objective: str, state: UpdateState, batch: ReplayBatch, pad: bool, out: Any
               ) -> tuple[losses.LossOutput, float]:
-        return self._policy_loss(state, batch, pad, *out) if objective == "policy" else (
+        return self._policy_loss(state, batch, pad, out) if objective == "policy" else (
             self._value_loss(state, batch, pad, out))
 
     def _token_logprobs(self, model: DiffusionLM, batch: ReplayBatch, targets: torch.Tensor, with_entropy=False):
@@ -462,35 +462,42 @@ class RLTrainer:
         r = self.config.rollout
         return token_logprobs(model, batch, targets, r.temperature, with_entropy, top_k=r.top_k, top_p=r.top_p)
 
-    def _policy_loss(self, state: "_UpdateState", batch: ReplayBatch, pad: bool, lp: torch.Tensor,
-                     ent: torch.Tensor) -> tuple[losses.LossOutput, float]:
+    def _policy_loss(self, state: UpdateState, batch: ReplayBatch, pad: bool, scores: TokenScores
+                     ) -> tuple[losses.LossOutput, float]:
         """This chunk's share of the policy loss, in token space (a padding chunk weighs nothing), and the number
         of tokens it scored. The first epoch also measures how far the replay is from the sampler (`rollout/*`,
-        trace rows only) and, when the old scores come from this pass, stores them for the later epochs."""
+        trace rows: they replay the sampler's own states) and, when the old scores come from this pass, stores
+        them for the later epochs."""
         alg = self.config.algorithm
         N = state.mask.shape[0]
-        seqs, lp_tok, touched = batch.to_tokens(lp, N)  # [k], [k, L], [k, L]
+        seqs, lp_tok, touched = batch.to_tokens(scores.logprob, N)  # [k], [k, L], [k, L]
         dev, idx = lp_tok.device, seqs.cpu()
-        ent_tok = _mean_over_rows(batch, ent, N)
+        ent_tok = mean_over_rows(batch, scores.entropy, N)
         m = state.mask[idx].to(dev) & touched
         old = state.old[state.epoch]
         if old is None and alg.loss_type != "wd1":  # the first epoch's own scores (see _old_scores)
             old = state.fill_old(idx, lp_tok.detach(), touched)
+        old_tok = None if old is None else old[idx].to(dev)
+        behaviour = None if state.behaviour is None else state.behaviour[idx].to(dev)
+        is_weights = None
+        if alg.rollout_correction == "tis":  # truncated importance sampling: min(pi_old / pi_sampler, C)
+            is_weights = torch.exp(old_tok - behaviour).clamp(max=alg.tis_cap)
         w = state.weights[idx].to(dev)
         ref = None if state.ref is None else state.ref[state.epoch][idx].to(dev)
         out = losses.policy_loss(
-            lp_tok, None if old is None else old[idx].to(dev), state.advantages[idx].to(dev), m,
+            lp_tok, old_tok, state.advantages[idx].to(dev), m,
             kind="reinforce" if alg.loss_type in ("reinforce", "wd1") else "ppo",
             epsilon_low=alg.epsilon, epsilon_high=alg.epsilon_high, log_ratio_clamp=alg.log_ratio_clamp,
             weights=torch.zeros_like(w) if pad else w, ref_logprob=ref, beta=alg.beta, kl_kind=alg.kl_estimator,
             entropy=ent_tok if alg.entropy_coef else ent_tok.detach(), entropy_coef=alg.entropy_coef,
+            is_weights=is_weights,
         )
-        if state.epoch == 0 and state.behaviour is not None and m.any():
-            gap = (lp_tok.detach() - state.behaviour[idx].to(dev)).abs()
-            out.metrics["rollout/logprob_gap_mean"] = gap[m].mean().item()
+        if state.epoch == 0 and behaviour is not None and m.any():
+            out.metrics.update(fidelity(lp_tok.detach(), behaviour, m, is_weights, batch, scores.top1,
+                                         None if state.top1 is None else state.top1[idx].to(dev), N))
         return out, float(m.sum())
 
-    def _value_loss(self, state: "_UpdateState", batch: ReplayBatch, pad: bool, values: torch.Tensor
+    def _value_loss(self, state: UpdateState, batch: ReplayBatch, pad: bool, values: torch.Tensor
                     ) -> tuple[losses.LossOutput, float]:
         N = state.mask.shape[0]
         seqs, v_tok, touched = batch.to_tokens(values.float(), N)
@@ -503,100 +510,14 @@ class RLTrainer:
 
     def _finish(self, sums: dict[str, float]) -> dict[str, float]:
         """Token-weighted means over every rank's chunks (the loss: the sum of the ranks' shares)."""
-        return _finish(dp.sum_over_ranks(self.backend, sums))
+        return finish(dp.sum_over_ranks(self.backend, sums))
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------
-@dataclass
-class _UpdateState:
-    """What the update epochs read, in token space [N, L] on the CPU (None where a path needs none)."""
-
-    mask: torch.Tensor  # [N, L] bool, tokens in the loss
-    advantages: torch.Tensor  # [N, L]
-    weights: torch.Tensor  # [N, L] loss weights over the whole batch (losses.token_weights)
-    returns: torch.Tensor | None = None  # [N, L] value targets
-    old_values: torch.Tensor | None = None  # [N, L] values before the update
-    old: list[torch.Tensor | None] | None = None  # per epoch [N, L]; None = from the first epoch's gradient pass
-    ref: list[torch.Tensor] | None = None  # per epoch [N, L] reference scores
-    behaviour: torch.Tensor | None = None  # [N, L] the sampler's log-probs, where the rows replay its states
-    epoch: int = 0
-
-    pending: torch.Tensor | None = None  # [N, L] the first epoch's own scores, filled chunk by chunk
-
-    def fill_old(self, seqs: torch.Tensor, scores: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
-        """Record the first epoch's detached scores of these tokens as the old scores; returns the [N, L] table."""
-        if self.pending is None:
-            self.pending = torch.zeros_like(self.advantages, dtype=torch.float32)
-        mask = touched.cpu()
-        self.pending[seqs[:, None].expand_as(mask)[mask], mask.nonzero()[:, 1]] = scores.float().cpu()[mask]
-        return self.pending
-
-    def first_epoch_done(self) -> None:
-        """Epochs that replay the first epoch's rows divide by the scores it recorded."""
-        if self.pending is not None and self.old is not None:
-            self.old = [self.pending if o is None else o for o in self.old]
-
-
-def _mean_over_rows(batch: ReplayBatch, per_row: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """[r, T] per-row values -> [k, L] mean over the rows scoring each token (entropy of a coupled token)."""
-    if batch.coef is None:
-        return batch.to_tokens(per_row, num_sequences)[1]
-    plain = ReplayBatch(**{**vars(batch), "coef": None})
-    _, total, _ = plain.to_tokens(per_row, num_sequences)
-    _, count, _ = plain.to_tokens(torch.ones_like(per_row), num_sequences)
-    return total / count.clamp(min=1)
-
-
-def _has_dropout(model: torch.nn.Module) -> bool:
-    """Whether a train-mode forward differs from an eval-mode one (then old log-probs need their own forward)."""
-    cfg = getattr(model, "config", None)
-    if any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout")):
-        return True
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def make_scheduler(optimizer: Any, name: str, warmup_ratio: float, total_steps: int,
-                   constant_groups: tuple[int, ...] = ()) -> LambdaLR:
-    """transformers' schedule `name` over `total_steps` optimizer steps; parameter groups in `constant_groups`
-    keep their base learning rate (the joint engine's value group)."""
-    warmup = int(warmup_ratio * total_steps)
-    if not constant_groups:
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    probe = get_scheduler(name, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-                          num_warmup_steps=warmup, num_training_steps=total_steps)
-    if not isinstance(probe, LambdaLR):
-        raise UserError(f"optimizer.lr_scheduler_type={name} is not a step schedule (LambdaLR)")
-    schedule = probe.lr_lambdas[0]
-    return LambdaLR(optimizer, [_constant if g in constant_groups else schedule
-                                for g in range(len(optimizer.param_groups))])
-
-
-def _constant(_: int) -> float:
-    return 1.0
-
-
 def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:
     """A LoRA value adapter lives inside the policy's peft model; the policy optimizer must not own it."""
     vm = trainer.value_model
     return vm is not None and vm.adapter is not None and any(p is q for q in vm.trainable_parameters())
-
-
-def _accumulate(sums: dict[str, float], metrics: dict[str, float], tokens: float, loss: float | None) -> None:
-    """Token-weighted running sums of per-chunk metric means."""
-    sums["__tokens"] = sums.get("__tokens", 0.0) + tokens
-    for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + v * tokens
-    if loss is not None:
-        sums["__loss"] = sums.get("__loss", 0.0) + loss
-
-
-def _finish(sums: dict[str, float]) -> dict[str, float]:
-    tokens = max(sums.pop("__tokens", 0.0), 1.0)
-    loss = sums.pop("__loss", None)
-    out = {k: v / tokens for k, v in sums.items()}
-    if loss is not None:
-        out["loss"] = loss
-    return out
 
 
 def completions_per_step(tr: TrainerConfig) -> int:

@@ -47,7 +47,7 @@ def _assert_same_row(alone, batch, row):
 
 def _replay_error(model, traj) -> float:
     batch = build_replay(traj, traj.unmask_step, "trace")
-    lp, _ = token_logprobs(model, batch, batch.targets(traj), traj.temperature or 1.0)
+    lp = token_logprobs(model, batch, batch.targets(traj), traj.temperature or 1.0).logprob
     return (lp - batch.gather(traj.behaviour_logprob))[batch.loss_mask].abs().max().item()
 
 

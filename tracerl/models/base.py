@@ -134,6 +134,25 @@ class DiffusionLM(nn.Module):
             cache.crop(-drop)
         return logits, cache
 
+    def logits_and_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                         ) -> tuple[torch.Tensor, DynamicCache]:
+        """Full attention: aligned logits [B, L, V] of the whole frame and a cache of every position's keys and
+        values (the refresh forward of the approximate caches, tracerl/rollout/caching.py)."""
+        if self.block_size is not None:
+            raise ValueError("logits_and_cache is for full-attention models (block diffusion has logits_cached)")
+        bias = attention_bias(attention_mask, None, self.dtype)
+        return self._run(input_ids, attention_mask, bias, query_start=0)
+
+    def logits_over_cache(self, window_ids: torch.Tensor, positions: torch.Tensor, key_padding: torch.Tensor,
+                          cache: DynamicCache) -> torch.Tensor:
+        """Full attention over cached keys: window_ids [B, Q] at rotary positions [B, Q] attend to the cache's keys
+        and their own; key_padding [B, C + Q] marks real keys in that order. Returns RAW logits [B, Q, V] (the
+        caller aligns shifted families) and leaves the window's keys appended to the cache."""
+        visible = key_padding.bool()[:, None, :].expand(-1, window_ids.shape[1], -1)  # [B, Q, C + Q]
+        out = self.backbone(input_ids=window_ids, attention_mask=visibility_to_bias(visible, self.dtype),
+                            position_ids=positions, cache=cache, use_cache=True)
+        return out.logits
+
     def _run(self, input_ids, key_padding, bias, keep=None, cache=None, query_start: int | None = None,
              noise_level: torch.Tensor | None = None):
         """One backbone forward; returns aligned logits (and the cache when `query_start` is given)."""

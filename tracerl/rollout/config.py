@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tracerl.choices import Remasking, options
+from tracerl.choices import CacheMode, Remasking, options
 from tracerl.errors import UserError
 
 REMASKING = options(Remasking)
+CACHEABLE_FAMILIES = ("llada", "Dream", "tracerl_tiny")  # native transformers Llama / Qwen2 backbones
 CONFIDENCE_POLICIES = REMASKING[:4]  # ("low_confidence", "top_margin", "entropy", "random")
 SEDD_SAMPLERS = ("sedd_euler", "sedd_analytic")  # read a SEDD model's score mass
 PUBLISHED_SAMPLERS = ("mdlm_ancestral", *SEDD_SAMPLERS)  # tracerl/rollout/published.py
@@ -41,7 +42,11 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature; 0 = greedy
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens holding this much probability
     top_k: int = 0  # sample among the k most likely tokens; 0 = off
-    use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache
+    use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache (exact)
+    cache: CacheMode = "none"  # full attention (LLaDA, Dream): Fast-dLLM's approximate cache per semi-AR block:
+    #   none (exact) | prefix (reuse the prefix's keys) | dual (prefix and suffix); tracerl/rollout/caching.py
+    cache_horizon: int | None = None  # prefix cache: run only this many positions past the block (dLLM-RL's
+    #   further horizon; later ones are dropped from attention until the next block); None = all of them
     seed: int | None = None  # None = the global torch RNG; else row n samples from its own generator (row seeds)
 
     def validate(self) -> None:
@@ -72,10 +77,25 @@ class RolloutConfig:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if self.cache != "none" and self.remasking in PUBLISHED_SAMPLERS:
+            raise UserError(f"cache={self.cache} is not implemented with rollout.remasking={self.remasking} "
+                            "(rollout.cache and rollout.remasking: the published samplers run uncached)")
+        if self.cache_horizon is not None and (self.cache != "prefix" or self.cache_horizon < 1):
+            raise UserError("cache_horizon needs rollout.cache=prefix and a positive value")
 
-    def check_family(self, family: str) -> None:
-        """Refuse a published sampler on a model it does not belong to. MDLM's ancestral rule is model-free, so it
-        runs on every masked-diffusion family; SEDD's rules read the score mass of a SEDD model's log-score."""
+    def check_family(self, family: str, block_size: int | None = None) -> None:
+        """Refuse a sampler on a model it does not belong to. MDLM's ancestral rule is model-free, so it runs on
+        every masked-diffusion family; SEDD's rules read the score mass of a SEDD model's log-score. The approximate
+        caches need a full-attention transformers backbone: block diffusion has its own exact cache, and the DiT
+        (MDLM, SEDD) and remote-code models take no cache."""
+        if self.cache != "none":
+            if block_size is not None:
+                raise UserError(f"rollout.cache={self.cache} is for full-attention models; this one ({family!r}) is "
+                                "block diffusion, whose KV cache is exact: use rollout.use_kv_cache (and rollout.cache: "
+                                "none)")
+            if family not in CACHEABLE_FAMILIES:
+                raise UserError(f"rollout.cache={self.cache} needs a transformers backbone that takes a KV cache "
+                                f"({', '.join(CACHEABLE_FAMILIES)}); model family {family!r} cannot (rollout.cache: none)")
         if self.remasking in SEDD_SAMPLERS and family != "sedd":
             raise UserError(
                 f"rollout.remasking={self.remasking} is SEDD's sampler: its unmask probability is read from a SEDD "

@@ -21,6 +21,7 @@ import torch
 from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM
 from tracerl.rollout import published
+from tracerl.rollout.caching import ApproximateCache
 from tracerl.rollout.config import PUBLISHED_SAMPLERS, RolloutConfig, derive_seed
 from tracerl.rollout.policies import choose_commits, confidence, sample_tokens, sampling_logprobs, static_schedule
 from tracerl.rollout.trajectory import Trajectory
@@ -74,6 +75,7 @@ class _Sampler:
         self.attn = torch.cat([pmask.to(dev).long(), torch.ones(N, L, dtype=torch.long, device=dev)], dim=1)
         self.unmask_step = torch.full((N, L), -1, dtype=torch.long, device=dev)  # [N, L]
         self.logprob = torch.zeros(N, L, dtype=torch.float32, device=dev)  # [N, L]
+        self.top1 = torch.zeros(N, L, dtype=torch.long, device=dev)  # [N, L] greedy choice where each was committed
         self.action = torch.zeros(N, L, dtype=torch.bool, device=dev)  # [N, L]
         self.row_step = torch.zeros(N, dtype=torch.long, device=dev)  # [N] steps each row has spent
         self.forwards = 0
@@ -85,6 +87,9 @@ class _Sampler:
         if row_seeds is None and cfg.seed is not None:
             self.generator = torch.Generator(device=dev).manual_seed(cfg.seed)
         self.cache = None  # block diffusion: K/V of the frame columns that are final for every row
+        # full attention with rollout.cache: Fast-dLLM's approximate prefix / dual cache, refreshed per block
+        self.approx = None if cfg.cache == "none" else ApproximateCache(model, cfg.cache, cfg.cache_horizon)
+        self.approx_block = -1
         # The published samplers feed a time-conditioned network the grid's sigma; each fed value is logged with the
         # rows that committed on it and their step, to become Trajectory.noise_level.
         self.feeds_noise = cfg.remasking in PUBLISHED_SAMPLERS and model.spec.time_conditioned and bool(
@@ -111,6 +116,13 @@ class _Sampler:
             logits, self.cache = self.model.logits_cached(
                 self.x[:, cached:end], self.attn[:, :end], self.cache, keep_in_cache=final - cached)
             first = cached
+        elif self.approx is not None:  # semi-AR blocks start at the response: one [lo, hi) for every row
+            first = P + int(lo.min())
+            if self.approx_block != j:  # the block's first step: one exact forward that also refreshes the cache
+                self.approx_block = j
+                logits = self.approx.refresh(self.x, self.attn, first, end)
+            else:
+                logits = self.approx.step(self.x, self.attn)
         else:
             first = P + int(lo.min())
             extra = {} if noise_level is None else {"noise_level": noise_level}
@@ -189,16 +201,19 @@ class _Sampler:
         logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)  # [N, B, V]
         tokens, token_lp, conf = self.draw(logprobs, active, size)
         pick = choose_commits(conf, masked, k, cfg.threshold)  # [N, B] bool, inside each row's block
-        self.write(pick, tokens, token_lp, cols)
+        self.write(pick, tokens, token_lp, cols, top1=logprobs.argmax(-1))
 
     def write(self, pick: torch.Tensor, tokens: torch.Tensor, token_lp: torch.Tensor, cols: torch.Tensor,
-              noise_level: torch.Tensor | None = None) -> None:
-        """Commit tokens [N, B] where pick [N, B]; a row that commits anything spends one of its own steps."""
+              noise_level: torch.Tensor | None = None, top1: torch.Tensor | None = None) -> None:
+        """Commit tokens [N, B] where pick [N, B]; a row that commits anything spends one of its own steps.
+        top1 [N, B]: the sampling distribution's most likely token there (the greedy choice, for fidelity metrics)."""
         rows, slot = pick.nonzero(as_tuple=True)
         pos = cols[rows, slot]  # response index of every committed token
         self.x[:, self.P:][rows, pos] = tokens[rows, slot]
         self.unmask_step[rows, pos] = self.row_step[rows]
         self.logprob[rows, pos] = token_lp[rows, slot].float()
+        if top1 is not None:
+            self.top1[rows, pos] = top1[rows, slot]
         self.action[rows, pos] = True
         committed = pick.any(1)  # [N]; a published sampler's forward may unmask nothing in a row: no step then
         if noise_level is not None:
@@ -225,7 +240,7 @@ class _Sampler:
             p = published.unmask_probability(cfg.remasking, t, dt, self.noise_eps, logits, block_ids, self.mask_id,
                                              scale_by_sigma)  # [N, B]
             unmask = self.draw_uniform(active, size, p.shape) < p  # [N, B] Bernoulli(p), independent per position
-            self.write(masked & unmask, tokens, token_lp, cols, fed)
+            self.write(masked & unmask, tokens, token_lp, cols, fed, top1=logprobs.argmax(-1))
         masked, active = self.still_masked(cols, valid)
         if active.any():
             self.final_denoise(j, lo, hi, size, cols, masked, active)
@@ -240,7 +255,7 @@ class _Sampler:
         logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)
         greedy = cfg.remasking == "mdlm_ancestral" or cfg.temperature == 0
         tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy)
-        self.write(masked, tokens, token_lp, cols, fed)
+        self.write(masked, tokens, token_lp, cols, fed, top1=logprobs.argmax(-1))
 
     def fed_noise(self, t: float) -> torch.Tensor | None:
         """[N] sigma(t) for a time-conditioned network (every row of the block is at the same grid time), else None."""
@@ -296,7 +311,7 @@ def generate(
     in any batch. Default: `derive_seed(config.seed, n)` for row n when config.seed is set, else the global RNG.
     """
     config.validate()
-    config.check_family(model.family)
+    config.check_family(model.family, model.block_size)
     if isinstance(prompt_ids, list):
         prompt_ids, prompt_mask = pad_prompts(prompt_ids, model.pad_token_id)
     if prompt_mask is None:
@@ -336,6 +351,7 @@ def generate(
         unmask_step=sampler.unmask_step.to(cpu),
         action_mask=sampler.action.to(cpu),
         behaviour_logprob=sampler.logprob.to(cpu),
+        behaviour_top1=sampler.top1.to(cpu),
         block_offset=offset.to(cpu).long(),
         group_id=(group_id if group_id is not None else torch.arange(N)).to(cpu).long(),
         num_forwards=sampler.forwards,

@@ -1,0 +1,74 @@
+"""Approximate KV caching for full-attention diffusion LMs (LLaDA, Dream): Fast-dLLM's prefix and dual caches.
+
+A full-attention model's keys and values change whenever any token changes, so no cache is exact. Fast-dLLM (Wu
+et al. 2025) reuses them anyway within a semi-autoregressive block:
+
+  every block [s, e) starts with one full forward over the frame (exact: it is the block's first step) that also
+  fills the cache with every position's keys and values;
+  prefix  later steps run the block and everything after it ([s, end) or, with a horizon H as dLLM-RL does,
+          [s, min(e + H, end)) with the rest dropped from attention) over the cached prefix [0, s), which is stale;
+  dual    later steps run only the block over the cached prefix [0, s) and suffix [e, end), both stale.
+
+The behaviour log-probs a rollout records are those of these cached forwards; the trainer's replay scores the
+exact model, and measures the gap (`rollout/*` metrics) and can correct it (algorithm.rollout_correction: tis).
+Shifted families (Dream: raw output i predicts token i + 1) start the window one position early, so the block's
+first token is scored from the output before it, as the uncached model does (Fast-dLLM instead commits that token
+unconditionally in the full forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from tracerl.models.base import DiffusionLM
+from tracerl.models.masks import positions_from_padding
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+class ApproximateCache:
+    """The cache of one semi-AR block; `refresh` at the block's first step, `step` after."""
+
+    def __init__(self, model: DiffusionLM, mode: str, horizon: int | None):
+        self.model, self.mode, self.horizon = model, mode, horizon
+        self.shift = model.spec.logit_shift
+        self.cache: DynamicCache | None = None
+
+    def refresh(self, x: torch.Tensor, attn: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Full forward over the frame x [N, T] (exact); fills the cache. Returns aligned logits [N, e - s, V]."""
+        logits, cache = self.model.logits_and_cache(x, attn)
+        self.s, self.e, self.start = s, e, max(s - self.shift, 0)  # the window starts one early for shifted logits
+        T = x.shape[1]
+        self.end = T if self.horizon is None else min(e + self.horizon, T)
+        if self.mode == "prefix":
+            _keep(cache, self.start)
+        else:  # dual: keep [0, start) and [e, T) in this order; the block's keys are appended at each step
+            for layer in cache.layers:
+                layer.keys = torch.cat([layer.keys[:, :, :self.start], layer.keys[:, :, e:]], dim=2)
+                layer.values = torch.cat([layer.values[:, :, :self.start], layer.values[:, :, e:]], dim=2)
+        self.cache, self.cached = cache, cache.get_seq_length()
+        return logits[:, s:e]
+
+    def step(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """One later step of the block: aligned logits [N, e - s, V] from the window over the cached keys."""
+        s, e, start = self.s, self.e, self.start
+        stop = self.end if self.mode == "prefix" else e
+        if self.mode == "prefix":
+            key_padding = attn[:, :stop]  # cached [0, start), then the window [start, stop)
+        else:
+            key_padding = torch.cat([attn[:, :start], attn[:, e:], attn[:, start:e]], dim=1)  # cache order, window
+        positions = positions_from_padding(attn)[:, start:stop]
+        raw = self.model.logits_over_cache(x[:, start:stop], positions, key_padding, self.cache)  # [N, W, V]
+        _keep(self.cache, self.cached)  # the window's keys were appended: drop them (recomputed at the next step)
+        # aligned logit of frame column c is raw output c - shift (column 0 reuses output 0), at window index
+        # (c - shift) - start
+        index = (torch.arange(s, e, device=raw.device) - self.shift).clamp(min=0) - start
+        return raw[:, index]
+
+
+def _keep(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of every layer (transformers' crop takes the number to drop)."""
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)
