@@ -20,6 +20,7 @@ on 8B models):
   coupled      coupled-GRPO as published: 3 passes (all / u < t / u > t), weighted scores, leave-one-out
                advantage, 2 iterations, eps 0.5, beta 0.01
   wd1          wd1 as published: d1's masks, ratio-free weighted likelihood, 8 iterations (wd1's Sudoku setting)
+  wd1_lr/16    the same with the learning rate / 16 (its loss sums the 16 tokens) and one group per micro-batch
 
 The budget clock is the process CPU time by default (`--clock cpu`, run with one thread): on a machine shared with
 other jobs it measures the work a run did, where wall time would measure the neighbours. Held-out greedy accuracy is
@@ -57,6 +58,11 @@ ESTIMATORS: dict[str, dict[str, Any]] = {
     "d1": {"estimator": "d1", "num_iterations": 8, "epsilon": 0.5, "beta": 0.04, "p_mask_prompt": 0.15},
     "coupled": {"estimator": "coupled", "num_iterations": 2, "epsilon": 0.5, "beta": 0.01},
     "wd1": {"estimator": "wd1", "num_iterations": 8, "p_mask_prompt": 0.15},
+    # wd1's loss sums its 16 tokens (no length normalisation) and takes no ratio, so the shared lr is ~16x larger
+    # for it than for a token-mean PPO loss; this variant scales it back and gives each micro-batch one group, as
+    # wd1's published runs do (per-device batch = one group of G)
+    "wd1_lr/16": {"estimator": "wd1", "num_iterations": 8, "p_mask_prompt": 0.15, "lr_scale": 1 / 16,
+                  "one_group_per_microbatch": True},
 }
 RESPONSE = 16  # the 16-digit solution; no EOS needed
 
@@ -95,12 +101,18 @@ def quick_start_model(rows: list[dict], out: Path) -> Path:
 
 
 def rl_config(args: argparse.Namespace, algorithm: dict[str, Any], seed: int, out: Path) -> RLConfig:
+    algorithm = dict(algorithm)
+    lr = args.learning_rate * algorithm.pop("lr_scale", 1.0)
+    per_device = args.num_generations * args.prompts_per_step
+    accumulation = 1
+    if algorithm.pop("one_group_per_microbatch", False):
+        per_device, accumulation = args.num_generations, args.prompts_per_step
     return RLConfig(
         rollout=RolloutConfig(max_completion_length=RESPONSE, steps=args.rollout_steps, temperature=args.temperature),
         algorithm=AlgorithmConfig(**algorithm),
-        optimizer=OptimizerConfig(learning_rate=args.learning_rate),
+        optimizer=OptimizerConfig(learning_rate=lr),
         trainer=TrainerConfig(max_steps=10**6, num_generations=args.num_generations,
-                              per_device_train_batch_size=args.num_generations * args.prompts_per_step,
+                              per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
                               seed=seed, output_dir=str(out), logging_steps=10**9),
     )
 
@@ -110,7 +122,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int, train: list[dict], t
     """One RL run under the budget (in a worker process); returns its accuracy curve
     [(seconds, step, rollouts, scores)]."""
     clock: Callable[[], float] = time.process_time if clock_name == "cpu" else time.perf_counter
-    out = Path(args.out) / "runs" / f"{name}_seed{seed}"
+    out = Path(args.out) / "runs" / run_dir(name, seed)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.start).to(args.device)
     torch.set_num_threads(args.threads)
@@ -132,6 +144,10 @@ def run_one(args: argparse.Namespace, name: str, seed: int, train: list[dict], t
     result = {"estimator": name, "seed": seed, "curve": curve}
     (out / "result.json").write_text(json.dumps(result))  # kept even if a later run fails
     return result
+
+
+def run_dir(name: str, seed: int) -> str:
+    return f"{name.replace('/', '_')}_seed{seed}"
 
 
 def value_at(curve: list[dict], key: str, limit: float, metric: str) -> float:
@@ -217,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds, args.prompts_per_step, args.num_generations = args.seeds[:1], 2, 4
     jobs = [(name, seed) for seed in args.seeds for name in args.estimators]
     if args.summarize:
-        found = [out / "runs" / f"{name}_seed{seed}" / "result.json" for name, seed in jobs]
+        found = [out / "runs" / run_dir(name, seed) / "result.json" for name, seed in jobs]
         return report([json.loads(f.read_text()) for f in found if f.exists()], args, out)
     train, test = sudoku_data(args.n_train, args.n_test)
     if args.quick and args.start == p.get_default("start"):
