@@ -22,7 +22,8 @@ import torch
 from tracerl.config import AlgorithmConfig, OptimizerConfig, RLConfig, TrainerConfig
 from tracerl.models import build_tiny_model
 from tracerl.rollout import RolloutConfig
-from tracerl.trainer import RLTrainer, _has_dropout as _reuses
+from tracerl.trainer import RLTrainer
+from tracerl.update import has_dropout as _reuses
 
 
 def matmul_flops(seconds: float = 3.0, n: int = 1024) -> float:
@@ -55,7 +56,7 @@ def measure(block: bool, estimator: str, shrink: int, args, separate_old: bool =
     trainer = RLTrainer(cfg, model, reward, rows)
     import tracerl.trainer
 
-    tracerl.trainer._has_dropout = (lambda m: True) if separate_old else _reuses  # True: the separate forward
+    tracerl.trainer.has_dropout = (lambda m: True) if separate_old else _reuses  # True: the separate forward
     trainer.train_step()  # warm-up step (allocations, first-call overheads)
     flops = {"total": 0.0, "active": False}
     for name in ("logits", "logits_packed"):  # every replay forward goes through one of these two
@@ -90,9 +91,12 @@ def compare_old_logprobs(args) -> None:
     print("| model | old log-probs | train s / step | RL step s | train speed-up |")
     print("|---|---|---|---|---|")
     for block, name in ((False, "full attention s=1"), (True, "block diffusion (packed) s=1")):
-        before = min((measure(block, "trace", 1, args, separate_old=True) for _ in range(2)),
-                     key=lambda r: r["train_seconds"])
-        after = min((measure(block, "trace", 1, args) for _ in range(2)), key=lambda r: r["train_seconds"])
+        runs: dict[bool, list] = {True: [], False: []}
+        for _ in range(3):  # interleaved, so a busy moment of the machine hits both alike; the best of 3 each
+            for separate in (True, False):
+                runs[separate].append(measure(block, "trace", 1, args, separate_old=separate))
+        before = min(runs[True], key=lambda r: r["train_seconds"])
+        after = min(runs[False], key=lambda r: r["train_seconds"])
         print(f"| {name} | separate forward (before) | {before['train_seconds']:.2f} | {before['step_seconds']:.2f} | "
               "1.00x |")
         print(f"| {name} | from the gradient pass | {after['train_seconds']:.2f} | {after['step_seconds']:.2f} | "

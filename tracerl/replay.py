@@ -130,7 +130,6 @@ def build_replay(
 
 def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
     """Full attention: one row per (trajectory row, distinct train step)."""
-    P, L = traj.prompt_length, traj.response_length
     rows, steps = [], []
     for n in range(traj.num_sequences):
         for v in torch.unique(train_step[n][traj.action_mask[n]]).tolist():
@@ -142,12 +141,23 @@ def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
     resp = torch.where(committed, traj.response_ids[row_t], torch.full_like(committed, traj.mask_token_id,
                                                                              dtype=torch.long))
     scored = (train_step[row_t] == step_t[:, None]) & traj.action_mask[row_t]  # [R, L]
+    noise = None if traj.noise_level is None else traj.noise_level[row_t, step_t]
+    return _frame_batch(traj, row_t, traj.prompt_ids[row_t], resp, scored, step_t[:, None].expand_as(scored),
+                        noise_level=noise)
+
+
+def _frame_batch(traj: Trajectory, row_t: torch.Tensor, prompt: torch.Tensor, resp: torch.Tensor,
+                 scored: torch.Tensor, step: torch.Tensor, coef: torch.Tensor | None = None,
+                 noise_level: torch.Tensor | None = None) -> ReplayBatch:
+    """Rows in the sampler's own frame `[prompt (P) | response (L)]` under the model's own attention: prompt
+    [R, P], response state [R, L], scored [R, L] with step ids and coef [R, L]; noise_level [R] (the state's sigma,
+    the published samplers on time-conditioned families)."""
+    R, P, L = len(row_t), traj.prompt_length, traj.response_length
     key_padding = traj.attention_mask()[row_t]
-    pos = torch.arange(L).expand(len(rows), L)
-    source_pos = torch.cat([torch.full((len(rows), P), -1), torch.where(scored, pos, -1)], dim=1)
-    step_id = torch.cat([torch.full((len(rows), P), -1), torch.where(scored, step_t[:, None], -1)], dim=1)
+    none = torch.full((R, P), -1)
+    source_pos = torch.cat([none, torch.where(scored, torch.arange(L).expand(R, L), -1)], dim=1)
     return ReplayBatch(
-        input_ids=torch.cat([traj.prompt_ids[row_t], resp], dim=1),
+        input_ids=torch.cat([prompt, resp], dim=1),
         position_ids=positions_from_padding(key_padding),
         key_padding=key_padding,
         block=None,
@@ -155,11 +165,11 @@ def _trace_rows(traj: Trajectory, train_step: torch.Tensor) -> ReplayBatch:
         loss_mask=source_pos >= 0,
         source_row=row_t,
         source_pos=source_pos,
-        step_id=step_id,
-        forwards_per_response=len(rows) / max(traj.num_sequences, 1),
+        step_id=torch.cat([none, torch.where(scored, step, -1)], dim=1),
+        forwards_per_response=R / max(traj.num_sequences, 1),
         response_length=L,
-        # the state before a (merged) step is the one the sampler fed at that step, with that step's sigma
-        noise_level=None if traj.noise_level is None else traj.noise_level[row_t, step_t],
+        coef=None if coef is None else torch.cat([torch.zeros(R, P), torch.where(scored, coef, 0.0)], dim=1),
+        noise_level=noise_level,
     )
 
 
@@ -224,29 +234,13 @@ def _masked_rows(traj: Trajectory, row_t: torch.Tensor, prompt: torch.Tensor, hi
                  scored: torch.Tensor, coef: torch.Tensor | None) -> ReplayBatch:
     """Rows of the published estimators: response positions `hide` [R, L] masked, `scored` [R, L] scored with
     weight `coef` [R, L]; `prompt` [R, P] as it is shown (possibly partly masked)."""
-    N, P, L = traj.num_sequences, traj.prompt_length, traj.response_length
+    N = traj.num_sequences
     resp = torch.where(hide, traj.mask_token_id, traj.response_ids[row_t])
     if traj.block_size is not None:  # a block sees the clean blocks before it, as when it was sampled
         packed = pack_rows(prompt, traj.prompt_mask[row_t], traj.response_ids[row_t], resp, traj.block_size)
         batch = _packed_batch(packed, row_t, scored, torch.zeros_like(resp), N, coef)
     else:
-        key_padding = traj.attention_mask()[row_t]
-        pos = torch.arange(L).expand(len(row_t), L)
-        source_pos = torch.cat([torch.full((len(row_t), P), -1), torch.where(scored, pos, -1)], dim=1)
-        batch = ReplayBatch(
-            input_ids=torch.cat([prompt, resp], dim=1),
-            position_ids=positions_from_padding(key_padding),
-            key_padding=key_padding,
-            block=None,
-            noisy=None,
-            loss_mask=source_pos >= 0,
-            source_row=row_t,
-            source_pos=source_pos,
-            step_id=torch.where(source_pos >= 0, 0, -1),
-            forwards_per_response=len(row_t) / max(N, 1),
-            response_length=L,
-            coef=None if coef is None else torch.cat([torch.zeros(len(row_t), P), torch.where(scored, coef, 0.0)], 1),
-        )
+        batch = _frame_batch(traj, row_t, prompt, resp, scored, torch.zeros_like(resp), coef)
     batch.published_logprob = True
     batch.whole_sequences = coef is not None
     return batch
