@@ -108,3 +108,18 @@ def test_solved_reward_is_all_or_nothing(puzzles):
     cols = {"puzzle": [row["puzzle"]] * 5, "solution": [row["solution"]] * 5}
     # a wrong *given* cell is not scored (the built-in reward's rule); a wrong blank fails the whole grid
     assert reward(None, texts, **cols) == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_repeat_task_rows_and_rewards():
+    from tracerl.tasks import repeat
+
+    rows = repeat.generate(5, seed=0)
+    assert rows == repeat.generate(5, seed=0) and len({r["pattern"] for r in rows}) == 5
+    row = rows[0]
+    assert len(row["solution"]) == 256 and row["solution"][:8] == row["pattern"] == row["solution"][8:16]
+    assert repeat.PROMPT_TEMPLATE.format(**row).startswith("Repeat: ")
+    wrong = row["solution"][:-1] + ("a" if row["solution"][-1] != "a" else "b")
+    assert repeat.solved_reward(None, [row["solution"], wrong], [row["solution"]] * 2) == [1.0, 0.0]
+    assert repeat.chars_reward(None, [wrong], [row["solution"]]) == [255 / 256]
+    held_out = repeat.generate(5, seed=1, exclude={r["pattern"] for r in rows})
+    assert not {r["pattern"] for r in held_out} & {r["pattern"] for r in rows}
