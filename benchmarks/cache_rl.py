@@ -1,7 +1,7 @@
 """RL with approximate rollout caches: does TraceRL still learn when the sampler is not the model, and does TIS help?
 
     tracerl tiny outputs/repeat/init --hidden-size 64 --num-layers 4 && tracerl sft recipes/repeat_sft.yaml
-    python benchmarks/cache_rl.py --jobs 2 --seeds 0 1 2         # the README's comparison: 4 arms x 3 seeds, ~70 min
+    python benchmarks/cache_rl.py --jobs 2 --seeds 0 1 2         # the README's comparison: 5 arms x 3 seeds, ~90 min
     python benchmarks/cache_rl.py --quick                        # smoke run, under a minute
 
 The task is Repeat (tracerl/tasks/repeat.py: 256-character answers) from the SFT start model of
@@ -15,6 +15,7 @@ same compute budget; only the rollout differs:
   prefix     rollout.cache=prefix: the prompt's and committed blocks' keys/values reused within a block
   dual       rollout.cache=dual: the masked suffix's reused too (Fast-dLLM's dual cache)
   dual_tis   dual + algorithm.rollout_correction=tis (each token's loss weighted by min(pi_old / pi_sampler, 2))
+  dual_h8    dual with rollout.cache_horizon=8: the 8 positions after the block recomputed at every step too
 
 The budget clock is the process CPU time (one thread per run), so runs sharing the machine are charged only their
 own work. Every `--eval-every` RL steps (not charged) the held-out prompts are decoded greedily twice: with the exact
@@ -40,6 +41,7 @@ import torch
 from tracerl.config import AlgorithmConfig, OptimizerConfig, RLConfig, TrainerConfig
 from tracerl.models import DiffusionLM, build_tiny_model, load_model
 from tracerl.rollout import RolloutConfig, generate
+from tracerl.rollout.caching import cache_settings
 from tracerl.rollout.display import completions
 from tracerl.tasks import apply_template, read_rows
 from tracerl.tasks.repeat import LENGTH, PROMPT_TEMPLATE, solved_reward
@@ -50,13 +52,15 @@ ARMS: dict[str, dict[str, Any]] = {
     "prefix": {"cache": "prefix"},
     "dual": {"cache": "dual"},
     "dual_tis": {"cache": "dual", "rollout_correction": "tis"},
+    "dual_h8": {"cache": "dual:h8"},
 }
 GAP_KEYS = ("rollout/logprob_gap_mean", "rollout/greedy_mismatch", "rollout/is_weight_mean")
 
 
 def rollout_config(args: argparse.Namespace, cache: str, temperature: float) -> RolloutConfig:
+    """cache: a cache name (tracerl.rollout.caching.cache_settings), e.g. 'dual:h8'."""
     return RolloutConfig(max_completion_length=LENGTH, steps=args.rollout_steps, block_length=32,
-                         temperature=temperature, cache=cache)
+                         temperature=temperature, **cache_settings(cache))
 
 
 @torch.no_grad()
@@ -125,7 +129,7 @@ def time_rollouts(args: argparse.Namespace, train: list[dict]) -> str:
                for r in rows for _ in range(args.num_generations)]
     lines = ["| cache | rollout CPU s (32 completions) | speed-up |", "|---|---|---|"]
     base = None
-    for cache in ("none", "prefix", "dual"):
+    for cache in dict.fromkeys(settings["cache"] for settings in ARMS.values()):
         config = replace(rollout_config(args, cache, args.temperature), seed=0)
         start = time.process_time()
         with torch.no_grad():

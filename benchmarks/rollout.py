@@ -11,9 +11,10 @@ The random model's lm_head is scaled up so its distributions are as peaked as a 
 token ever clears the threshold and (c) degenerates to (b).
 
 Full-attention table: a random LLaDA-shaped model (Llama architecture, 4 layers, hidden 128), semi-AR blocks of 32,
-2 tokens per step, greedy; tokens/s of rollout.cache none / prefix / dual at each length and batch size, and the
-share of response tokens equal to the exact (uncached) decoder's. Random weights are the hard case for agreement
-(nothing is confident, so a small logit change flips a choice); docs/results quotes a trained model's as well.
+2 tokens per step, greedy; tokens/s of rollout.cache none / prefix / dual / dual with a fresh horizon of 8
+(`--full-caches`) at each length and batch size, and the share of response tokens equal to the exact (uncached)
+decoder's. Random weights are the hard case for agreement (nothing is confident, so a small logit change flips a
+choice); benchmarks/cache_fidelity.py measures agreement and task accuracy on a trained model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from tracerl.models import build_tiny_model
 from tracerl.rollout import RolloutConfig, generate
+from tracerl.rollout.caching import cache_settings
 
 
 def run(model, prompts, cfg) -> tuple[float, int]:
@@ -34,7 +36,7 @@ def run(model, prompts, cfg) -> tuple[float, int]:
     return traj.num_sequences * traj.response_length / seconds, traj.num_forwards
 
 
-def full_attention_table(lengths: list[int], batches: list[int]) -> None:
+def full_attention_table(lengths: list[int], batches: list[int], caches: list[str]) -> None:
     model = build_tiny_model("llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                              max_position_embeddings=4096, seed=0)
     with torch.no_grad():
@@ -47,12 +49,13 @@ def full_attention_table(lengths: list[int], batches: list[int]) -> None:
         for batch in batches:
             prompts = [prompt] * batch
             results = {}
-            for mode in ("none", "prefix", "dual"):
-                cfg = RolloutConfig(max_completion_length=L, steps=L // 2, block_length=32, temperature=0.0, cache=mode)
+            for name in ["none"] + [c for c in caches if c != "none"]:  # the exact decoder first: the reference
+                cfg = RolloutConfig(max_completion_length=L, steps=L // 2, block_length=32, temperature=0.0,
+                                    **cache_settings(name))
                 start = time.perf_counter()
                 traj = generate(model, prompts, cfg)
                 seconds = time.perf_counter() - start
-                results[mode] = (traj, batch * L / seconds)
+                results[name] = (traj, batch * L / seconds)
             exact_tps = results["none"][1]
             for mode, (traj, tps) in results.items():
                 agree = (traj.response_ids == results["none"][0].response_ids).float().mean().item()
@@ -68,10 +71,12 @@ def main() -> None:
     parser.add_argument("--table", choices=["block", "full", "both"], default="both")
     parser.add_argument("--full-lengths", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--full-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--full-caches", nargs="+", default=["none", "prefix", "dual", "dual:h8"],
+                        help="cache names (tracerl.rollout.caching.cache_settings): mode[:hH][:rR]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.table in ("full", "both"):
-        full_attention_table(args.full_lengths, args.full_batches)
+        full_attention_table(args.full_lengths, args.full_batches, args.full_caches)
         if args.table == "full":
             return
     model = build_tiny_model("qwen3", block_size=4, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,

@@ -11,7 +11,7 @@ from tracerl.errors import UserError
 from tracerl.models import build_tiny_model
 from tracerl.models.base import DiffusionLM, FamilySpec
 from tracerl.rollout import RolloutConfig, generate
-from tracerl.rollout.caching import ApproximateCache
+from tracerl.rollout.caching import ApproximateCache, cache_settings
 from tracerl.trainer import RLTrainer
 
 PROMPTS = ["hello", "a longer prompt x", "ab"]  # left padding in the batch
@@ -28,7 +28,8 @@ def models():
 
 
 @pytest.mark.parametrize("kind", ["llada", "dream"])
-@pytest.mark.parametrize("mode,horizon", [("prefix", None), ("prefix", 100), ("dual", None)])
+@pytest.mark.parametrize("mode,horizon", [("prefix", None), ("prefix", 100), ("dual", None), ("dual", 0), ("dual", 5),
+                                          ("dual", 100)])
 def test_a_cached_step_with_nothing_changed_is_the_exact_forward(models, kind, mode, horizon):
     """Right after the refresh nothing is stale: the cached window must give the exact logits of the block (the
     Dream shift included: the block's first token is read from the output before it)."""
@@ -60,10 +61,67 @@ def test_one_step_per_block_is_exact(models, mode):
     assert cached.num_forwards == exact.num_forwards == 4
 
 
+@pytest.mark.parametrize("kind", ["llada", "dream"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_a_cached_rollout_is_batch_invariant(models, mode):
+def test_a_refresh_at_every_step_is_exact(models, kind, mode):
+    """cache_refresh 1 makes every forward a full one: the rollout (several steps per block) is the exact one."""
+    model = models[kind]
+    base = dict(max_completion_length=16, steps=16, block_length=8, temperature=1.0)
+    cached = generate(model, encode(model, PROMPTS), RolloutConfig(**base, cache=mode, cache_refresh=1),
+                      row_seeds=[1, 2, 3])
+    exact = generate(model, encode(model, PROMPTS), RolloutConfig(**base), row_seeds=[1, 2, 3])
+    assert torch.equal(cached.response_ids, exact.response_ids)
+    torch.testing.assert_close(cached.behaviour_logprob, exact.behaviour_logprob, atol=1e-5, rtol=0)
+
+
+def _refreshes(model, cfg: RolloutConfig) -> list[int]:
+    """The step indices (0-based, in order) whose forward was a cache refresh."""
+    calls, step = [], [0]
+    refresh = ApproximateCache.refresh
+
+    def spy(self, *args):
+        calls.append(step[0])
+        step[0] += 1
+        return refresh(self, *args)
+
+    def spy_step(self, *args):
+        step[0] += 1
+        return original_step(self, *args)
+
+    original_step = ApproximateCache.step
+    ApproximateCache.refresh, ApproximateCache.step = spy, spy_step
+    try:
+        generate(model, encode(model, PROMPTS), cfg, row_seeds=[1, 2, 3])
+    finally:
+        ApproximateCache.refresh, ApproximateCache.step = refresh, original_step
+    return calls
+
+
+def test_the_refresh_interval_counts_steps_inside_each_block(models):
+    """8 steps per block of 8 (1 token per step): refreshes at each block's first step, then every R-th."""
+    base = dict(max_completion_length=16, steps=16, block_length=8, temperature=1.0, cache="dual")
+    assert _refreshes(models["llada"], RolloutConfig(**base)) == [0, 8]
+    assert _refreshes(models["llada"], RolloutConfig(**base, cache_refresh=3)) == [0, 3, 6, 8, 11, 14]
+    assert _refreshes(models["llada"], RolloutConfig(**base, cache_refresh=8)) == [0, 8]
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_a_dual_cache_whose_horizon_covers_the_suffix_is_the_prefix_cache(models, kind):
+    """With a horizon past the frame's end nothing after the block is served stale: dual == prefix, token for
+    token and log-prob for log-prob."""
+    model = models[kind]
+    base = dict(max_completion_length=16, steps=16, block_length=4, temperature=1.0)
+    dual = generate(model, encode(model, PROMPTS), RolloutConfig(**base, cache="dual", cache_horizon=16),
+                    row_seeds=[1, 2, 3])
+    prefix = generate(model, encode(model, PROMPTS), RolloutConfig(**base, cache="prefix"), row_seeds=[1, 2, 3])
+    assert torch.equal(dual.response_ids, prefix.response_ids)
+    torch.testing.assert_close(dual.behaviour_logprob, prefix.behaviour_logprob, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["prefix", "dual", "dual:h4:r3", "prefix:h2:r5"])
+def test_a_cached_rollout_is_batch_invariant(models, name):
     model = models["dream"]
-    cfg = RolloutConfig(max_completion_length=16, steps=16, block_length=8, temperature=1.0, cache=mode)
+    cfg = RolloutConfig(max_completion_length=16, steps=16, block_length=8, temperature=1.0, **cache_settings(name))
     ids = encode(model, PROMPTS)
     batch = generate(model, ids, cfg, row_seeds=[5, 6, 7])
     for row in range(3):
@@ -109,6 +167,21 @@ def test_bad_combinations_are_refused_naming_the_keys(block_model, tmp_path):
         generate(mdlm, encode(mdlm, ["hi"]), RolloutConfig(max_completion_length=8, steps=8, cache="dual"))
     with pytest.raises(UserError, match="rollout.cache and rollout.remasking"):
         RolloutConfig(cache="dual", remasking="mdlm_ancestral").validate()
+    with pytest.raises(UserError, match="cache_refresh=2 needs rollout.cache prefix or dual"):
+        RolloutConfig(cache_refresh=2).validate()
+    with pytest.raises(UserError, match="cache_refresh=0 needs"):
+        RolloutConfig(cache="dual", cache_refresh=0).validate()
+    with pytest.raises(UserError, match="cache_horizon=-1 needs"):
+        RolloutConfig(cache="dual", cache_horizon=-1).validate()
+    with pytest.raises(UserError, match="cache_horizon=8 needs rollout.cache prefix or dual"):
+        RolloutConfig(cache_horizon=8).validate()
+    from pathlib import Path
+
+    from tracerl.recipe import load_config
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "repeat_tracerl.yaml")
+    with pytest.raises(UserError, match=r"^rollout\.cache_refresh=4 needs rollout\.cache prefix or dual"):
+        load_config(recipe, ["rollout.cache_refresh=4"])
     with pytest.raises(UserError, match="algorithm.rollout_correction=tis needs algorithm.estimator=trace"):
         AlgorithmConfig(rollout_correction="tis", old_logprobs="rollout").validate()
     # and through the CLI: exit 2 before training starts
@@ -120,3 +193,13 @@ def test_bad_combinations_are_refused_naming_the_keys(block_model, tmp_path):
     out = cli("train", "recipes/cpu_quickstart.yaml", f"model.path={tiny}", "rollout.cache=prefix",
               "rollout.block_length=null", f"trainer.output_dir={tmp_path / 'run'}")
     assert out.returncode == 2 and "rollout.cache=prefix is for full-attention models" in out.stderr
+
+
+def test_cache_names_spell_the_settings():
+    assert cache_settings("none") == {"cache": "none"}
+    assert cache_settings("dual:h8:r4") == {"cache": "dual", "cache_horizon": 8, "cache_refresh": 4}
+    assert cache_settings("prefix:r2") == {"cache": "prefix", "cache_refresh": 2}
+    with pytest.raises(ValueError, match="mode must be one of none, prefix, dual"):
+        cache_settings("exact")
+    with pytest.raises(ValueError, match="got 'x8'"):
+        cache_settings("dual:x8")

@@ -134,14 +134,15 @@ class DiffusionLM(nn.Module):
             cache.crop(-drop)
         return logits, cache
 
-    def logits_and_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                         ) -> tuple[torch.Tensor, DynamicCache]:
-        """Full attention: aligned logits [B, L, V] of the whole frame and a cache of every position's keys and
-        values (the refresh forward of the approximate caches, tracerl/rollout/caching.py)."""
+    def logits_and_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         keep: torch.Tensor | None = None) -> tuple[torch.Tensor, DynamicCache]:
+        """Full attention: aligned logits [B, L, V] of the whole frame (or [B, len(keep), V] of the frame columns
+        `keep` [K]; a large vocabulary makes the rest costly) and a cache of every position's keys and values (the
+        refresh forward of the approximate caches, tracerl/rollout/caching.py)."""
         if self.block_size is not None:
             raise ValueError("logits_and_cache is for full-attention models (block diffusion has logits_cached)")
         bias = attention_bias(attention_mask, None, self.dtype)
-        return self._run(input_ids, attention_mask, bias, query_start=0)
+        return self._run(input_ids, attention_mask, bias, keep=keep, query_start=0)
 
     def logits_over_cache(self, window_ids: torch.Tensor, positions: torch.Tensor, key_padding: torch.Tensor,
                           cache: DynamicCache) -> torch.Tensor:

@@ -9,6 +9,15 @@ et al. 2025) reuses them anyway within a semi-autoregressive block:
           [s, min(e + H, end)) with the rest dropped from attention) over the cached prefix [0, s), which is stale;
   dual    later steps run only the block over the cached prefix [0, s) and suffix [e, end), both stale.
 
+Two knobs trade speed back for fidelity. A horizon H recomputes H positions past the block at every step as well:
+the prefix cache then drops the positions beyond them from attention (dLLM-RL's windowed cache), the dual cache
+serves them stale from its cache, so only the far [MASK] suffix is stale (Elastic-Cache's sliding window rests on
+the observation that distant masks matter least; its attention-drift test and layer-wise refresh are not done
+here). A refresh interval R runs the exact full forward again every R steps inside the block (a fixed-period
+refresh; dLLM-Cache also refreshes on fixed periods, with separate prompt / response intervals and partial updates
+in between), so no key is more than R - 1 steps stale. benchmarks/cache_fidelity.py measures what
+each costs and keeps on a trained model.
+
 The behaviour log-probs a rollout records are those of these cached forwards; the trainer's replay scores the
 exact model, and measures the gap (`rollout/*` metrics) and can correct it (algorithm.rollout_correction: tis).
 Shifted families (Dream: raw output i predicts token i + 1) start the window one position early, so the block's
@@ -25,6 +34,21 @@ from tracerl.models.base import DiffusionLM
 from tracerl.models.masks import positions_from_padding
 
 CACHE_MODES = ("none", "prefix", "dual")
+_KNOBS = {"h": "cache_horizon", "r": "cache_refresh"}
+
+
+def cache_settings(name: str) -> dict[str, str | int]:
+    """The rollout settings a short cache name stands for, as benchmarks and result tables write them:
+    'dual:h8:r4' -> {cache: dual, cache_horizon: 8, cache_refresh: 4}; 'none' / 'prefix' / 'dual' alone."""
+    mode, *knobs = name.split(":")
+    if mode not in CACHE_MODES:
+        raise ValueError(f"cache {name!r}: the mode must be one of {', '.join(CACHE_MODES)}")
+    settings: dict[str, str | int] = {"cache": mode}
+    for knob in knobs:
+        if knob[:1] not in _KNOBS or not knob[1:].isdigit():
+            raise ValueError(f"cache {name!r}: knobs are :hH (cache_horizon) and :rR (cache_refresh), got {knob!r}")
+        settings[_KNOBS[knob[0]]] = int(knob[1:])
+    return settings
 
 
 class ApproximateCache:
@@ -37,27 +61,28 @@ class ApproximateCache:
 
     def refresh(self, x: torch.Tensor, attn: torch.Tensor, s: int, e: int) -> torch.Tensor:
         """Full forward over the frame x [N, T] (exact); fills the cache. Returns aligned logits [N, e - s, V]."""
-        logits, cache = self.model.logits_and_cache(x, attn)
+        logits, cache = self.model.logits_and_cache(x, attn, keep=torch.arange(s, e, device=x.device))
         self.s, self.e, self.start = s, e, max(s - self.shift, 0)  # the window starts one early for shifted logits
         T = x.shape[1]
-        self.end = T if self.horizon is None else min(e + self.horizon, T)
+        # the window [start, end) is recomputed at every later step
         if self.mode == "prefix":
+            self.end = T if self.horizon is None else min(e + self.horizon, T)
             _keep(cache, self.start)
-        else:  # dual: keep [0, start) and [e, T) in this order; the block's keys are appended at each step
+        else:  # dual: keep [0, start) and [end, T) in this order; the window's keys are appended at each step
+            self.end = min(e + (self.horizon or 0), T)
             for layer in cache.layers:
-                layer.keys = torch.cat([layer.keys[:, :, :self.start], layer.keys[:, :, e:]], dim=2)
-                layer.values = torch.cat([layer.values[:, :, :self.start], layer.values[:, :, e:]], dim=2)
+                layer.keys = torch.cat([layer.keys[:, :, :self.start], layer.keys[:, :, self.end:]], dim=2)
+                layer.values = torch.cat([layer.values[:, :, :self.start], layer.values[:, :, self.end:]], dim=2)
         self.cache, self.cached = cache, cache.get_seq_length()
-        return logits[:, s:e]
+        return logits
 
     def step(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """One later step of the block: aligned logits [N, e - s, V] from the window over the cached keys."""
-        s, e, start = self.s, self.e, self.start
-        stop = self.end if self.mode == "prefix" else e
+        s, e, start, stop = self.s, self.e, self.start, self.end
         if self.mode == "prefix":
             key_padding = attn[:, :stop]  # cached [0, start), then the window [start, stop)
-        else:
-            key_padding = torch.cat([attn[:, :start], attn[:, e:], attn[:, start:e]], dim=1)  # cache order, window
+        else:  # cache order ([0, start), [stop, T)), then the window
+            key_padding = torch.cat([attn[:, :start], attn[:, stop:], attn[:, start:stop]], dim=1)
         positions = positions_from_padding(attn)[:, start:stop]
         raw = self.model.logits_over_cache(x[:, start:stop], positions, key_padding, self.cache)  # [N, W, V]
         _keep(self.cache, self.cached)  # the window's keys were appended: drop them (recomputed at the next step)

@@ -45,8 +45,11 @@ class RolloutConfig:
     use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache (exact)
     cache: CacheMode = "none"  # full attention (LLaDA, Dream): Fast-dLLM's approximate cache per semi-AR block:
     #   none (exact) | prefix (reuse the prefix's keys) | dual (prefix and suffix); tracerl/rollout/caching.py
-    cache_horizon: int | None = None  # prefix cache: run only this many positions past the block (dLLM-RL's
-    #   further horizon; later ones are dropped from attention until the next block); None = all of them
+    cache_horizon: int | None = None  # positions past the block recomputed at every cached step. prefix: the
+    #   ones beyond are dropped from attention until the next block (dLLM-RL's further horizon); None = all of them.
+    #   dual: the ones beyond are served stale from the cache; None = 0 (Fast-dLLM's dual cache)
+    cache_refresh: int | None = None  # run the exact full forward again every this many steps inside a block
+    #   (None: only at the block's first step, as Fast-dLLM does)
     seed: int | None = None  # None = the global torch RNG; else row n samples from its own generator (row seeds)
 
     def validate(self) -> None:
@@ -80,8 +83,12 @@ class RolloutConfig:
         if self.cache != "none" and self.remasking in PUBLISHED_SAMPLERS:
             raise UserError(f"cache={self.cache} is not implemented with rollout.remasking={self.remasking} "
                             "(rollout.cache and rollout.remasking: the published samplers run uncached)")
-        if self.cache_horizon is not None and (self.cache != "prefix" or self.cache_horizon < 1):
-            raise UserError("cache_horizon needs rollout.cache=prefix and a positive value")
+        if self.cache_horizon is not None and (self.cache == "none" or self.cache_horizon < 0):
+            raise UserError(f"cache_horizon={self.cache_horizon} needs rollout.cache prefix or dual and a "
+                            "value >= 0")
+        if self.cache_refresh is not None and (self.cache == "none" or self.cache_refresh < 1):
+            raise UserError(f"cache_refresh={self.cache_refresh} needs rollout.cache prefix or dual and a "
+                            "value >= 1")
 
     def check_family(self, family: str, block_size: int | None = None) -> None:
         """Refuse a sampler on a model it does not belong to. MDLM's ancestral rule is model-free, so it runs on

@@ -89,7 +89,7 @@ class _Sampler:
         self.cache = None  # block diffusion: K/V of the frame columns that are final for every row
         # full attention with rollout.cache: Fast-dLLM's approximate prefix / dual cache, refreshed per block
         self.approx = None if cfg.cache == "none" else ApproximateCache(model, cfg.cache, cfg.cache_horizon)
-        self.approx_block = -1
+        self.approx_block, self.approx_age = -1, 0  # the block the cache belongs to; steps since its refresh
         # The published samplers feed a time-conditioned network the grid's sigma; each fed value is logged with the
         # rows that committed on it and their step, to become Trajectory.noise_level.
         self.feeds_noise = cfg.remasking in PUBLISHED_SAMPLERS and model.spec.time_conditioned and bool(
@@ -118,10 +118,13 @@ class _Sampler:
             first = cached
         elif self.approx is not None:  # semi-AR blocks start at the response: one [lo, hi) for every row
             first = P + int(lo.min())
-            if self.approx_block != j:  # the block's first step: one exact forward that also refreshes the cache
-                self.approx_block = j
+            refresh_every = self.cfg.cache_refresh
+            if self.approx_block != j or (refresh_every is not None and self.approx_age >= refresh_every):
+                # the block's first step (and every cache_refresh-th after it): one exact forward that refreshes
+                self.approx_block, self.approx_age = j, 1
                 logits = self.approx.refresh(self.x, self.attn, first, end)
             else:
+                self.approx_age += 1
                 logits = self.approx.step(self.x, self.attn)
         else:
             first = P + int(lo.min())

@@ -1,15 +1,20 @@
-"""The Repeat task in one place: a long-response task (256 characters) for measuring approximate decoders.
+"""The Repeat task in one place: a long-response task (256 or more characters) for measuring approximate decoders.
 
     rows = generate(n=2000, seed=0)                      # {"pattern", "solution"}: the pattern repeated to 256 chars
+    rows = generate(n=1000, seed=0, length=1024)         # the 1,024-character variant
     prompt = PROMPT_TEMPLATE.format(**row)
     rewards = [solved_reward, chars_reward]              # 1 for an exact copy / the share of characters right
 
-The prompt gives a pattern of 8 random lowercase letters; the completion is the pattern repeated 32 times. Every
+The prompt gives a pattern of 8 random lowercase letters; the completion is the pattern repeated to `length`
+characters (32 times at the default 256). Every
 position depends on a token far from it (the prompt, or the same phase of an earlier period), so a decoder that
 reuses stale keys and values (rollout.cache) is tested on exactly what it approximates, over 256 tokens.
 
     python -m tracerl.tasks.repeat --out recipes/data/repeat_train.jsonl --n 2000 --seed 0
     python -m tracerl.tasks.repeat --out recipes/data/repeat_test.jsonl --n 256 --seed 1000 \
+        --exclude recipes/data/repeat_train.jsonl
+    python -m tracerl.tasks.repeat --out recipes/data/repeat1024_train.jsonl --n 1000 --seed 0 --length 1024
+    python -m tracerl.tasks.repeat --out recipes/data/repeat1024_test.jsonl --n 128 --seed 1000 --length 1024 \
         --exclude recipes/data/repeat_train.jsonl
 """
 
@@ -26,15 +31,17 @@ PATTERN, LENGTH = 8, 256
 PROMPT_TEMPLATE = "Repeat: {pattern}\n"
 
 
-def make_row(rng: random.Random) -> dict[str, str]:
+def make_row(rng: random.Random, length: int = LENGTH) -> dict[str, str]:
     pattern = "".join(rng.choice(string.ascii_lowercase) for _ in range(PATTERN))
-    return {"pattern": pattern, "solution": (pattern * (LENGTH // PATTERN + 1))[:LENGTH]}
+    return {"pattern": pattern, "solution": (pattern * (length // PATTERN + 1))[:length]}
 
 
-def generate(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
+def generate(n: int, seed: int, exclude: set[str] | None = None, length: int = LENGTH) -> list[dict[str, str]]:
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
     rng, rows, seen = random.Random(seed), [], set(exclude or ())
     while len(rows) < n:
-        row = make_row(rng)
+        row = make_row(rng, length)
         if row["pattern"] not in seen:
             seen.add(row["pattern"])
             rows.append(row)
@@ -64,9 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output file (.jsonl or .csv)")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length", type=int, default=LENGTH, help="characters per solution")
     p.add_argument("--exclude", nargs="*", default=[], help="files whose patterns must not be repeated")
     args = p.parse_args(argv)
-    rows = generate(args.n, args.seed, keys_in(args.exclude, lambda r: str(r["pattern"])))
+    if args.length < 1:
+        p.error(f"--length must be positive, got {args.length}")
+    rows = generate(args.n, args.seed, keys_in(args.exclude, lambda r: str(r["pattern"])), args.length)
     path = write_rows(rows, args.out)
     print(f"wrote {len(rows)} rows (seed {args.seed}) to {path}")
 
