@@ -1,6 +1,8 @@
 """Task generators: unique Sudoku solutions, exact blanks, seeded determinism, disjoint splits, and rows that the
 built-in rewards score as intended."""
 
+from pathlib import Path
+
 import pytest
 
 from reward_models import load_reward
@@ -123,3 +125,21 @@ def test_repeat_task_rows_and_rewards():
     assert repeat.chars_reward(None, [wrong], [row["solution"]]) == [255 / 256]
     held_out = repeat.generate(5, seed=1, exclude={r["pattern"] for r in rows})
     assert not {r["pattern"] for r in held_out} & {r["pattern"] for r in rows}
+    # the 1,024-character variant: same patterns for the same seed, each repeated 128 times
+    long = repeat.generate(5, seed=0, length=1024)
+    assert [r["pattern"] for r in long] == [r["pattern"] for r in rows]
+    assert long[0]["solution"] == long[0]["pattern"] * 128
+    with pytest.raises(ValueError, match="length must be positive"):
+        repeat.generate(1, seed=0, length=0)
+
+
+def test_the_shipped_repeat_files_are_what_the_generator_writes():
+    from tracerl.tasks import read_rows, repeat
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data"
+    train = read_rows(str(data / "repeat1024_train.jsonl"))
+    test = read_rows(str(data / "repeat1024_test.jsonl"))
+    assert train == repeat.generate(1000, seed=0, length=1024)
+    seen = {r["pattern"] for r in read_rows(str(data / "repeat_train.jsonl"))}
+    assert test == repeat.generate(128, seed=1000, exclude=seen, length=1024)
+    assert not {r["pattern"] for r in test} & seen
