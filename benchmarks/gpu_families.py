@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_families.py           # one CUDA GPU, bf16; under 2 minutes on an H100
     python benchmarks/gpu_families.py --tiny    # CPU dry run with toy dimensions (checks the script itself)
+    python benchmarks/gpu_families.py --families llada --caches none prefix dual dual:h128 --length 1024
+                                                # LLaDA with each approximate cache (rollout.cache), static and dynamic
 
 The models are built from published-style config.json dicts through the family modules' own config mapping
 (tracerl.models.llada / sdar), randomly initialised in bf16 directly on the GPU (no checkpoint is read or
@@ -11,6 +13,10 @@ written, no CPU copy of 8B parameters), and sampled with tracerl.rollout.generat
 The lm_head is scaled up (x40) so the random model's distributions are as peaked as a trained model's; otherwise
 no position ever clears the threshold and the dynamic policy degenerates to the static one. Reported per run:
 committed tokens/s, model forwards, peak GPU memory (torch.cuda.max_memory_allocated) and the GPU's name.
+`--caches` runs full-attention families (LLaDA) once per cache name (tracerl.rollout.caching.cache_settings:
+none | prefix | dual, with :hH for cache_horizon and :rR for cache_refresh); block diffusion keeps its exact KV cache.
+Random weights say nothing about a cache's fidelity (benchmarks/cache_fidelity.py measures that on a trained model):
+these rows are speed and memory only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 from tracerl.models import llada, sdar
 from tracerl.models.base import DiffusionLM, FamilySpec
 from tracerl.rollout import RolloutConfig, generate
+from tracerl.rollout.caching import cache_settings
 
 # Published config.json keys (LLaDA-8B-Instruct; SDAR-8B-Chat / TraDo-8B = Qwen3-8B dimensions).
 LLADA_8B = {
@@ -117,11 +124,14 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
     rollout(model, prompts, RolloutConfig(**{**base, "max_completion_length": 8, "steps": 8,
                                              "block_length": None if block is None else 8}), device)  # warm-up
     rows = []
-    for name, cfg in (("static", RolloutConfig(**base)), ("dynamic 0.9", RolloutConfig(**base, threshold=0.9))):
-        r = rollout(model, prompts, cfg, device)
-        rows.append(f"| {family} | {name} | {args.batch} x {args.length} | {r['tokens']} | {r['forwards']} | "
-                    f"{r['seconds']:.1f} | {r['tps']:,.0f} | {r['peak_gib']:.1f} |")
-        print("  " + rows[-1], flush=True)
+    caches = ["none"] if model.block_size else args.caches  # block diffusion: its own exact KV cache
+    for cache in caches:
+        settings = cache_settings(cache)
+        for name, threshold in (("static", None), ("dynamic 0.9", 0.9)):
+            r = rollout(model, prompts, RolloutConfig(**base, threshold=threshold, **settings), device)
+            rows.append(f"| {family} | {name} | {cache} | {args.batch} x {args.length} | {r['tokens']} | "
+                        f"{r['forwards']} | {r['seconds']:.1f} | {r['tps']:,.0f} | {r['peak_gib']:.1f} |")
+            print("  " + rows[-1], flush=True)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -129,14 +139,21 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with toy dimensions")
     parser.add_argument("--families", nargs="+", default=["llada", "sdar"], choices=["llada", "sdar"])
     parser.add_argument("--batch", type=int, default=None, help="rollouts per run (default 8 GPU, 2 tiny)")
     parser.add_argument("--length", type=int, default=None, help="response tokens (default 256 GPU, 32 tiny)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
-    args = parser.parse_args()
+    parser.add_argument("--caches", nargs="+", default=["none"],
+                        help="full attention: rollout.cache names to run, e.g. none prefix dual dual:h128")
+    args = parser.parse_args(argv)
+    for cache in args.caches:
+        try:
+            cache_settings(cache)
+        except ValueError as err:
+            parser.error(str(err))
     args.batch = args.batch or (2 if args.tiny else 8)
     args.length = args.length or (32 if args.tiny else 256)
     if args.tiny:
@@ -149,8 +166,8 @@ def main() -> None:
         device, dtype = torch.device("cuda"), torch.bfloat16
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     rows = [row for family in args.families for row in run_family(family, args, device, dtype)]
-    print("\n| family | policy | batch x length | committed tokens | forwards | seconds | tokens/s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| family | policy | cache | batch x length | committed tokens | forwards | seconds | tokens/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
