@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from _plots import finish_figure  # benchmarks/_plots.py (the script's own directory)
 from tracerl.config import AlgorithmConfig, OptimizerConfig, RLConfig, TrainerConfig
 from tracerl.models import DiffusionLM, build_tiny_model, load_model
 from tracerl.rollout import RolloutConfig, generate
@@ -197,14 +198,9 @@ def plot(results: list[dict], path: Path) -> None:
                     alpha=0.8, marker=".", label=label)
     titles = ("train reward (running mean of 5 steps)", "held-out exact copies (%), exact decoder",
               "held-out exact copies (%), the arm's own decoder")
-    for ax, title in zip(axes, titles):
-        ax.set_xlabel("RL CPU seconds (evaluation excluded)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Repeat (256 tokens): TraceRL with exact and cached rollouts at equal compute (one line per seed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_figure(fig, axes, titles, "RL CPU seconds (evaluation excluded)",
+                  "Repeat (256 tokens): TraceRL with exact and cached rollouts at equal compute (one line per seed)",
+                  path)
 
 
 def main(argv: list[str] | None = None) -> None:

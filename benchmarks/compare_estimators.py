@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 
+from _plots import finish_figure  # benchmarks/_plots.py (the script's own directory)
 from reward_models import load_reward
 from tracerl.config import AlgorithmConfig, OptimizerConfig, RLConfig, SFTConfig, SFTSection, TrainerConfig
 from tracerl.models import DiffusionLM, build_tiny_model, load_model
@@ -193,14 +194,9 @@ def plot(results: list[dict], path: Path, clock: str) -> None:
             for ax, key in zip(axes, ("solve_rate", "cell_accuracy")):
                 ax.plot(xs, [100 * p[key] for p in run["curve"]], color=color, alpha=0.8, marker=".",
                         label=name if j == 0 else None)
-    for ax, title in zip(axes, ("held-out full-solve rate (%)", "held-out cell accuracy (%)")):
-        ax.set_xlabel(f"RL {clock} seconds (evaluation excluded)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("4x4 Sudoku: policy-gradient estimators from one SFT start (each line = one seed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_figure(fig, axes, ("held-out full-solve rate (%)", "held-out cell accuracy (%)"),
+                  f"RL {clock} seconds (evaluation excluded)",
+                  "4x4 Sudoku: policy-gradient estimators from one SFT start (each line = one seed)", path)
 
 
 def main(argv: list[str] | None = None) -> None:
