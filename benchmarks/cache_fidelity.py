@@ -8,8 +8,16 @@
 
 Greedy decoding of the first `--n` held-out Repeat prompts (`--length`-character responses, semi-AR blocks of 32,
 2 tokens per step) with each variant: a rollout.cache mode, optionally with `:hH` (rollout.cache_horizon H) and
-`:rR` (rollout.cache_refresh R). The first variant is the reference (keep it `none`, the exact decoder): agreement =
-the share of response tokens equal to its tokens, accuracy = exact copies (tracerl.tasks.repeat.solved_reward).
+`:rR` (rollout.cache_refresh R), and optionally `@T`: Fast-dLLM's dynamic threshold T (rollout.threshold) instead of
+the fixed 2 tokens per step, i.e. parallel decoding on top of the cache. The first variant is the reference (keep it
+`none`, the exact decoder): agreement = the share of response tokens equal to its tokens, accuracy = exact copies
+(tracerl.tasks.repeat.solved_reward).
+
+Two speed columns. "speed-up" is wall-clock on this machine, where a tiny model's per-call overhead makes a cached
+step cost far more than its share of the arithmetic. "compute" is hardware-independent: the reference's positions
+run through the network (prompt + response positions of every row, summed over forwards) over the variant's, the
+speed-up a model large enough to be bound by its matrix products approaches (attention over the keys, cached or
+not, is a few percent of an 8B model's work at these lengths).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 
 import torch
 
+from tracerl.errors import UserError
 from tracerl.models import load_model
 from tracerl.rollout import RolloutConfig, generate
 from tracerl.rollout.caching import cache_settings
@@ -28,15 +37,36 @@ from tracerl.tasks.repeat import PROMPT_TEMPLATE, chars_reward, solved_reward
 
 
 def variant_config(name: str, length: int) -> RolloutConfig:
-    """'dual:h32:r8' -> the greedy RolloutConfig of that cache (blocks of 32, 2 tokens per step)."""
+    """'dual:h32:r8' -> the greedy RolloutConfig of that cache (blocks of 32, 2 tokens per step); 'dual:h8@0.9'
+    -> the same cache with the dynamic threshold 0.9."""
+    cache, _, threshold = name.partition("@")
     try:
-        settings = cache_settings(name)
+        settings = cache_settings(cache)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"variant {name!r}: {err}") from None
+    try:
+        threshold_value = float(threshold) if threshold else None
+    except ValueError:
+        raise SystemExit(f"variant {name!r}: the threshold after @ must be a number, got {threshold!r}") from None
     cfg = RolloutConfig(max_completion_length=length, steps=length // 2, block_length=32, temperature=0.0,
-                        **settings)
-    cfg.validate()
+                        threshold=threshold_value, **settings)
+    try:
+        cfg.validate()
+    except UserError as err:
+        raise SystemExit(f"variant {name!r}: {err}") from None
     return cfg
+
+
+class PositionCounter:
+    """Counts the positions every forward of `module` runs (rows x sequence length of its input_ids)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.positions = 0
+        module.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.positions += ids.numel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,17 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     configs = {name: variant_config(name, args.length) for name in args.variants}
     model = load_model(args.model)
+    counter = PositionCounter(model.backbone)
     rows = read_rows(args.data)[:args.n]
     gold = [r["solution"] for r in rows]
     if any(len(g) != args.length for g in gold):
         raise SystemExit(f"{args.data}: solutions are not {args.length} characters (pass --length)")
     print(f"{args.model}: {len(rows)} held-out prompts, batch {args.batch}, {args.length} tokens, block 32, "
-          "2 tokens/step")
-    print("| cache | forwards | tokens/s | speed-up | tokens equal to exact | exact copies | characters right |")
-    print("|---|---|---|---|---|---|---|")
-    exact_ids, exact_tps = None, None
+          "2 tokens/step (@T: threshold T)")
+    print("| cache | forwards | tokens/s | speed-up | compute | tokens equal to exact | exact copies | "
+          "characters right |")
+    print("|---|---|---|---|---|---|---|---|")
+    exact_ids, exact_tps, exact_positions = None, None, None
     for name, cfg in configs.items():
         ids, texts, seconds, forwards = [], [], 0.0, 0
+        counter.positions = 0
         for i in range(0, len(rows), args.batch):
             chunk = rows[i:i + args.batch]
             prompts = [model.tokenizer(PROMPT_TEMPLATE.format(**r), add_special_tokens=False)["input_ids"]
@@ -78,11 +111,13 @@ def main(argv: list[str] | None = None) -> None:
             texts += completions(traj, model.tokenizer)
         ids = torch.cat(ids)
         tps = ids.numel() / seconds
-        exact_ids, exact_tps = (ids, tps) if exact_ids is None else (exact_ids, exact_tps)
+        if exact_ids is None:
+            exact_ids, exact_tps, exact_positions = ids, tps, counter.positions
         agree = (ids == exact_ids).float().mean().item()
         solved = sum(solved_reward(None, texts, gold)) / len(rows)
         chars = sum(chars_reward(None, texts, gold)) / len(rows)
-        print(f"| {name} | {forwards} | {tps:,.0f} | {tps / exact_tps:.2f}x | {100 * agree:.1f}% | "
+        compute = exact_positions / counter.positions
+        print(f"| {name} | {forwards} | {tps:,.0f} | {tps / exact_tps:.2f}x | {compute:.2f}x | {100 * agree:.1f}% | "
               f"{100 * solved:.1f}% | {100 * chars:.1f}% |", flush=True)
 
 

@@ -1,22 +1,63 @@
-"""benchmarks/cache_fidelity.py on a tiny model: the table has a row per cache name with its agreement."""
+"""benchmarks/cache_fidelity.py on a tiny model: the table has a row per variant with its agreement and compute."""
 
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_fidelity_table_compares_each_cache_with_the_exact_decoder(tmp_path, monkeypatch, capsys):
-    from tracerl.models import build_tiny_model
-
-    build_tiny_model("llama", seed=0).save_pretrained(tmp_path / "tiny")
+@pytest.fixture
+def cache_fidelity(monkeypatch):
     monkeypatch.chdir(ROOT)  # the shipped Repeat test file is read relative to the repository root
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import cache_fidelity
 
+    return cache_fidelity
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    cells = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    return {row[0]: row for row in cells[1:]}  # past the header ("|---|" does not start with "| ")
+
+
+def test_the_fidelity_table_compares_each_variant_with_the_exact_decoder(tmp_path, cache_fidelity, capsys):
+    from tracerl.models import build_tiny_model
+
+    build_tiny_model("llama", seed=0).save_pretrained(tmp_path / "tiny")
     cache_fidelity.main(["--model", str(tmp_path / "tiny"), "--n", "3", "--batch", "2", "--threads", "1",
-                         "--variants", "none", "dual:h8", "dual:r1"])
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| none") or line.startswith("| dual")}
-    assert set(rows) == {"none", "dual:h8", "dual:r1"}
-    assert rows["none"][4] == "100.0%"  # the reference agrees with itself
-    assert rows["dual:r1"][4] == "100.0%"  # a refresh at every step is the exact decoder
+                         "--variants", "none", "dual:h8", "dual:r1", "dual", "none@0.000001"])
+    rows = table_rows(capsys.readouterr().out)
+    assert set(rows) == {"none", "dual:h8", "dual:r1", "dual", "none@0.000001"}
+    forwards, compute, agreement = ({name: row[i] for name, row in rows.items()} for i in (1, 4, 5))
+    assert agreement["none"] == "100.0%" and compute["none"] == "1.00x"  # the reference against itself
+    # a refresh at every step is the exact decoder: the same tokens from the same full-frame forwards
+    assert agreement["dual:r1"] == "100.0%" and compute["dual:r1"] == "1.00x"
+    # the dual cache runs 32-position windows after each block's full forward; a horizon of 8 widens them
+    assert 1.0 < float(compute["dual:h8"][:-1]) < float(compute["dual"][:-1])
+    assert forwards["dual"] == forwards["none"]  # a cache changes what a forward runs, not how many
+    # a threshold every position passes commits a whole block of 32 per forward, against 2 per forward
+    assert int(forwards["none@0.000001"]) * 16 == int(forwards["none"])
+
+
+def test_the_position_counter_counts_rows_times_length(cache_fidelity):
+    import torch
+
+    class Backbone(torch.nn.Module):  # transformers' calling convention: input_ids positional or by keyword
+        def forward(self, input_ids=None, attention_mask=None):
+            return input_ids
+
+    backbone = Backbone()
+    counter = cache_fidelity.PositionCounter(backbone)
+    backbone(torch.zeros(3, 7, dtype=torch.long))
+    backbone(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5))
+    assert counter.positions == 3 * 7 + 2 * 5
+
+
+@pytest.mark.parametrize("variant, says", [("dual@x", "the threshold after @ must be a number, got 'x'"),
+                                           ("dual:z3", "knobs are :hH"),
+                                           ("dual@1.5", "threshold must lie in (0, 1]")])
+def test_a_bad_variant_is_refused_by_name(cache_fidelity, variant, says):
+    with pytest.raises(SystemExit) as exc:
+        cache_fidelity.variant_config(variant, 256)
+    assert f"variant {variant!r}" in str(exc.value) and says in str(exc.value)
