@@ -157,6 +157,8 @@ def test_mask_token_is_never_sampled(full_model):
     (dict(threshold=0.0), "threshold must lie in"),
     (dict(remasking="lowest"), "remasking='lowest'"),
     (dict(block_length=5), "not a multiple of block_length=5"),
+    (dict(block_length=-8), "block_length must be >= 1"),  # 16 % -8 == 0: it would pass the multiple check
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
 ])
 def test_bad_rollout_settings(full_model, kwargs, match):
     cfg = RolloutConfig(**{"max_completion_length": 16, "steps": 8, **kwargs})

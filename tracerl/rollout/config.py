@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tracerl.choices import CacheMode, Remasking, options
@@ -74,8 +75,10 @@ class RolloutConfig:
                     f"threshold needs a probability-like confidence (remasking low_confidence or top_margin), "
                     f"got remasking={self.remasking!r}"
                 )
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.block_length is not None and self.block_length < 1:
+            raise UserError(f"block_length must be >= 1 (or null for the model's own), got {self.block_length}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # `not >=` also refuses NaN
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
