@@ -31,6 +31,9 @@ from .loader import check_weight, load_reward, parse_spec
 from .protocol import RewardError, split_reward
 
 Process = dict[int, tuple[list | None, list | None]]  # sample index -> (step rewards, token rewards)
+# what a reward's call may raise that is the reward's failure: sys.exit() / exit() in a reward is one too (on a
+# pool thread it would otherwise reach the trainer as SystemExit and end the run without a word)
+_FAILURES = (Exception, SystemExit)
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +140,10 @@ class RewardSet:
 
     # --- calling one function -----------------------------------------------------------------------
     def _kwargs(self, k: int, prompts: list, completions: list, columns: dict) -> dict:
-        kwargs = {"prompts": prompts, "completions": completions, **columns}
+        # each call gets its own lists: a reward that edits its arguments in place (completions[i] = c.strip())
+        # must not change what the other rewards, running at the same time, and the trainer's records see
+        kwargs = {"prompts": list(prompts), "completions": list(completions),
+                  **{key: list(v) if isinstance(v, list) else v for key, v in columns.items()}}
         accepts = self._accepts[k]
         return kwargs if accepts is None else {key: v for key, v in kwargs.items() if key in accepts}
 
@@ -147,26 +153,26 @@ class RewardSet:
     def _task_sync(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
         try:
             return _Outcome(values=self.fns[k](**self._kwargs(k, prompts, completions, columns)))
-        except Exception as e:  # noqa: BLE001 - reported as a RewardError by the caller
+        except _FAILURES as e:  # reported as a RewardError by the caller
             out = _Outcome(batch_error=e, per_sample={})
         if self.locate_errors and len(completions) > 1:
             for i in range(len(completions)):
                 try:
                     out.per_sample[i] = self.fns[k](**self._single(k, i, prompts, completions, columns))
-                except Exception as e:  # noqa: BLE001
+                except _FAILURES as e:
                     out.sample_errors[i] = e
         return out
 
     async def _task_async(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
         try:
             return _Outcome(values=await self.fns[k](**self._kwargs(k, prompts, completions, columns)))
-        except Exception as e:  # noqa: BLE001
+        except _FAILURES as e:
             out = _Outcome(batch_error=e, per_sample={})
         if self.locate_errors and len(completions) > 1:
             for i in range(len(completions)):
                 try:
                     out.per_sample[i] = await self.fns[k](**self._single(k, i, prompts, completions, columns))
-                except Exception as e:  # noqa: BLE001
+                except _FAILURES as e:
                     out.sample_errors[i] = e
         return out
 

@@ -102,6 +102,8 @@ def _bind(obj: Any, kwargs: dict, what: str) -> Callable:
                                   ) from None
         except ValueError as e:  # the reward's own option validation
             raise RewardSpecError(f"reward {what}: {e}") from None
+        except Exception as e:  # a user's reward class failing in its own __init__
+            raise RewardSpecError(f"reward {what}: creating it raised {type(e).__name__}: {e}") from e
     if not callable(obj):
         raise RewardSpecError(f"reward {what} is a {type(obj).__name__}, not a function")
     if not kwargs:
@@ -135,7 +137,7 @@ def _from_file(path: str, attr: str, base_dir: str | None) -> Any:
         sys.modules[name] = module  # dataclasses and pickle look modules up here
         try:
             spec.loader.exec_module(module)
-        except Exception as e:  # a bug in the user's file: say which spec pulled it in
+        except (Exception, SystemExit) as e:  # a bug in the user's file (or a script's argparse / sys.exit)
             del sys.modules[name]
             raise RewardSpecError(f"reward '{spec_text}': importing {full} failed: {type(e).__name__}: {e}") from e
     return _attr(sys.modules[name], attr, full, spec_text)
@@ -172,6 +174,9 @@ def load_reward(spec: Any, base_dir: str | None = None, **kwargs: Any) -> Callab
             module = importlib.import_module(where)
         except ImportError as e:
             raise RewardSpecError(f"reward '{spec}': cannot import module '{where}': {e}") from None
+        except (Exception, SystemExit) as e:  # the module exists but its own code fails on import
+            raise RewardSpecError(f"reward '{spec}': importing module '{where}' failed: {type(e).__name__}: {e}"
+                                  ) from e
         return _bind(_attr(module, attr, f"module {where}", spec), kwargs, f"'{spec}'")
     if os.sep in spec or spec.startswith((".", "~")):
         state = "has no config.json" if os.path.isdir(candidate) else "does not exist"

@@ -209,6 +209,41 @@ def test_error_with_on_error_zero_scores_zero_counts_and_logs(fn, timeout, patte
     rs.close()
 
 
+def test_a_reward_calling_sys_exit_is_a_reward_error_not_the_end_of_the_run():
+    import sys
+
+    def exits(prompts, completions, **kwargs):
+        sys.exit(0)  # on a pool thread this used to reach the trainer as SystemExit: the run ended, exit code 0
+
+    async def exits_async(prompts, completions, **kwargs):
+        sys.exit(3)
+
+    for fn in (exits, exits_async):
+        with pytest.raises(RewardError, match=rf"reward '{fn.__name__}' at sample 0: raised SystemExit"):
+            RewardSet([ones, fn])(PROMPTS, COMPLETIONS)
+        result = RewardSet([ones, fn], on_error="zero")(PROMPTS, COMPLETIONS)
+        assert result.per_function[:, 1].tolist() == [0.0, 0.0, 0.0]
+        assert result.metrics[f"reward_errors/{fn.__name__}"] == 3
+
+
+def test_a_reward_editing_its_arguments_does_not_change_what_others_see():
+    def strips(prompts, completions, answer, **kwargs):
+        completions[:] = ["X"] * len(completions)  # in place, as a careless reward might
+        answer.clear()
+        return [1.0] * 3
+
+    def exact(prompts, completions, answer, **kwargs):
+        time.sleep(0.05)  # runs while `strips` edits its lists
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    answers = ["aa", "x", "c"]
+    columns = {"answer": answers}
+    for _ in range(3):
+        result = RewardSet([strips, exact])(PROMPTS, list(COMPLETIONS), **columns)
+        assert result.per_function[:, 1].tolist() == [1.0, 0.0, 1.0]
+    assert answers == ["aa", "x", "c"]  # the caller's columns (the trainer's records) are untouched
+
+
 def test_a_reward_raising_on_a_single_sample_batch_names_sample_0():
     with pytest.raises(RewardError, match=r"reward 'raises_on_b' at sample 0"):
         RewardSet([raises_on_b])(["p"], ["b"])

@@ -134,6 +134,26 @@ def test_file_that_fails_to_import_names_the_spec(tmp_path):
         load_reward(f"{tmp_path}/broken.py:r")
 
 
+@pytest.mark.parametrize("body, error", [
+    ("undefined_name\n", "NameError"),  # a module that exists but fails on import
+    ("import argparse\nargparse.ArgumentParser().parse_args(['--bad'])\n", "SystemExit"),  # a script's argparse
+])
+def test_a_module_or_file_that_fails_on_import_names_the_spec(tmp_path, monkeypatch, body, error):
+    (tmp_path / "rm_broken_mod_x.py").write_text(body + "def f(prompts, completions, **kw):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardSpecError, match=rf"reward 'rm_broken_mod_x:f': importing module 'rm_broken_mod_x' "
+                                              rf"failed: {error}"):
+        load_reward("rm_broken_mod_x:f")
+    with pytest.raises(RewardSpecError, match=rf"rm_broken_mod_x.py:f'.*{error}"):
+        load_reward(f"{tmp_path}/rm_broken_mod_x.py:f")
+
+
+def test_a_reward_class_failing_in_its_init_names_the_spec(tmp_path):
+    (tmp_path / "cls.py").write_text("class Judge:\n    def __init__(self):\n        raise RuntimeError('no key')\n")
+    with pytest.raises(RewardSpecError, match=r"reward '.*cls.py:Judge': creating it raised RuntimeError: no key"):
+        load_reward(f"{tmp_path}/cls.py:Judge")
+
+
 def test_missing_attribute_in_file_lists_what_is_there(user_file):
     with pytest.raises(RewardSpecError, match=r"no 'exactt'.*'exact'"):
         load_reward(f"{user_file}:exactt")
