@@ -122,6 +122,21 @@ def test_user_mistakes_name_the_thing(tmp_path):
     with pytest.raises(UserError, match="model_init_kwargs: unknown option"):
         TraceRLTrainer(model=str(tmp_path), reward_funcs=target_share, args=small_args(tmp_path,
                        model_init_kwargs={"attn": "x"}), train_dataset=ROWS)
+    with pytest.raises(UserError, match="train_dataset: row 1: the prompt is null"):
+        TraceRLTrainer(model=build_tiny_model("llama"), reward_funcs=target_share, args=small_args(tmp_path),
+                       train_dataset=[ROWS[0], {"prompt": None, "target": "a"}])
+
+
+def test_a_prompt_too_long_for_the_model_stops_the_run_before_its_first_step(tmp_path):
+    # it used to fail at whichever RL step first drew the row, possibly hours in
+    rows = [*ROWS, {"prompt": "x" * 60, "target": "a"}]  # 60 prompt + 8 completion tokens > 64 positions
+    with pytest.raises(UserError, match=r"training row 4: prompt of 60 tokens \+ rollout.max_completion_length 8 "
+                                        r"exceeds the model's maximum length 64"):
+        TraceRLTrainer(model=build_tiny_model("llama", max_position_embeddings=64), reward_funcs=target_share,
+                       args=small_args(tmp_path), train_dataset=rows)
+    with pytest.raises(UserError, match="eval row 4: prompt of 60 tokens"):
+        TraceRLTrainer(model=build_tiny_model("llama", max_position_embeddings=64), reward_funcs=target_share,
+                       args=small_args(tmp_path), train_dataset=ROWS, eval_dataset=rows)
 
 
 @pytest.mark.slow

@@ -33,6 +33,10 @@ def test_generate_prints_completion_and_unmask_order(block_dir, tmp_path):
     (["--steps", "3", "--block-length", "4"], "steps=3 cannot be divided over 2 blocks"),
     (["--threshold", "1.5"], "threshold must lie in (0, 1], got 1.5"),
     (["--threshold", "0"], "threshold must lie in (0, 1], got 0.0"),
+    (["--steps", "0"], "steps must be >= 1, got 0"),  # used to mean max-completion-length silently
+    (["--device", "gpu"], "model.device: 'gpu' is not a device"),
+    (["--block-length", "-2"], "--block-length: must be > 0, got -2"),  # generated nothing, exit 0
+    (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
     (["--prompt", "x" * 70], "exceeds the model's maximum length 64"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(block_dir, args, message):

@@ -105,6 +105,27 @@ def test_user_mistakes_exit_2(args, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_data_and_output_mistakes_exit_2_before_the_model_loads(tmp_path):
+    # model.path names no model: each mistake must be found before the load is tried
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')  # row 1 lacks the answer
+    out = cli("sft", "recipes/sft_example.yaml", "model.path=/no/model", f"data.train_files=[{data}]",
+              f"trainer.output_dir={tmp_path / 'sft'}")  # used to train on the text "None"
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "sft.completion_column: row 1 of data.train_files" in out.stderr and "is None, not text" in out.stderr
+    out = cli("eval", "recipes/cpu_quickstart.yaml", "model.path=/no/model", f"eval.output_file={tmp_path}")
+    assert out.returncode == 2, out.stderr[-2000:]  # used to evaluate everything, then fail to write it
+    assert f"eval.output_file: '{tmp_path}' is a directory" in out.stderr and "Traceback" not in out.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = cli("eval", "recipes/cpu_quickstart.yaml", "model.path=/no/model", f"data.eval_files=[{empty}]")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]  # used to write 0 samples
+    assert "empty.jsonl" in out.stderr
+    out = cli("train", "recipes/cpu_quickstart.yaml", "model.path=/no/model", f"trainer.output_dir={data}/run")
+    assert out.returncode == 2, out.stderr[-2000:]  # used to fail after the model load with FileExistsError
+    assert f"trainer.output_dir: cannot write '{data}/run': '{data}' is a file" in out.stderr
+
+
 def test_lora_checkpoint_exports_to_a_full_model(tiny_dir, tmp_path):
     import torch
 

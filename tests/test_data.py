@@ -72,3 +72,54 @@ def test_prompt_sampler_is_seeded_and_resumable():
     c.load_state_dict(state)
     assert c.next(5) == first[5:]
     assert sorted(first[:7]) == list(range(7))  # an epoch is a permutation
+
+
+@pytest.mark.parametrize("lines,message", [
+    # rows of one file differ: the row without the prompt column reads as null, and failed only after the model load
+    ([{"prompt": "1+1=", "answer": "2"}, {"answer": "3"}], r"row 1 of data.train_files .*is null"),
+    ([{"prompt": 5}, {"prompt": 7}], r"row 0 of data.train_files .*is int 5, not a string or a list of chat"),
+    ([{"prompt": []}], r"row 0 of data.train_files .*is an empty list of chat messages"),
+])
+def test_a_prompt_that_is_not_a_prompt_names_its_row(tmp_path, lines, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(UserError, match=message):
+        load_rows(DataConfig(train_files=[str(path)]))
+
+
+@pytest.mark.parametrize("template", ["{0}=", "{puzzle=", "{puzzle.size}", "{meta:x}{puzzle:d}"])
+def test_a_template_that_cannot_be_filled_names_the_template_and_row(files, template):
+    with pytest.raises(UserError, match=r"data.prompt_template .* cannot be filled from row 0"):
+        load_rows(DataConfig(train_files=[str(files["jsonl"])], prompt_template=template))
+
+
+def test_data_without_rows_is_an_error_naming_it(tmp_path):
+    import datasets
+
+    for name, content in (("d.jsonl", ""), ("d.csv", "puzzle,solution\n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(UserError, match=rf"data files \[.*{name}'\]: could not be read"):
+            load_rows(DataConfig(eval_files=[str(tmp_path / name)]), "eval")
+    # a saved dataset with no rows used to evaluate nothing and write an empty result, exit code 0
+    datasets.Dataset.from_dict({"prompt": ["a"]}).filter(lambda r: False).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(UserError, match=r"data.dataset_name '.*ds' \(split 'test'\): no rows"):
+        load_rows(DataConfig(dataset_name=str(tmp_path / "ds")), "eval")
+
+
+def test_a_directory_that_is_not_a_saved_dataset_names_it(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n')  # a folder of data files, not save_to_disk's layout
+    with pytest.raises(UserError, match=r"data.dataset_name '.*': not a dataset saved by datasets' save_to_disk"):
+        load_rows(DataConfig(dataset_name=str(tmp_path)))
+
+
+def test_a_template_column_missing_in_one_row_is_not_filled_with_none(tmp_path):
+    path = tmp_path / "d.jsonl"  # the row without `question` reads as null: its prompt used to be "None="
+    path.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n" + json.dumps({"answer": "3"}) + "\n")
+    with pytest.raises(UserError, match=r"data.prompt_template uses column 'question', which is null in row 1 of "
+                                        r"data.train_files"):
+        load_rows(DataConfig(train_files=[str(path)], prompt_template="{question}="))
+
+
+def test_a_directory_given_as_a_data_file(tmp_path):
+    with pytest.raises(UserError, match="is a directory .*data.dataset_name"):
+        load_rows(DataConfig(train_files=[str(tmp_path)]))

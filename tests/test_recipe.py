@@ -8,7 +8,7 @@ import yaml
 
 from tracerl.config import RLConfig, SFTConfig
 from tracerl.errors import UserError
-from tracerl.recipe import help_texts, load_config
+from tracerl.recipe import help_texts, load_config, read_yaml
 
 
 def write(tmp_path, data, name="r.yaml"):
@@ -55,12 +55,54 @@ def test_a_single_file_needs_no_brackets(tmp_path):
     ("optimizer.learning_rate=0", "optimizer.learning_rate: must be > 0"),
     ("rewards=[{weight: 1}]", "rewards[0].fn: every reward needs fn"),
     ("rewards=[{fn: math, wieght: 1}]", "rewards[0].wieght: unknown key (did you mean rewards[0].weight?)"),
+    # NaN passes every `x > 0` check: any non-finite number is refused where it is read
+    ("optimizer.learning_rate=.nan", "optimizer.learning_rate: must be a finite number, got nan"),
+    ("algorithm.epsilon=.inf", "algorithm.epsilon: must be a finite number, got inf"),
+    ("rewards=[{fn: math, weight: .nan}]", "rewards[0].weight: must be a finite number"),
+    # ranges that used to pass and then delete checkpoints, skip training, or fail after the model loaded
+    ("trainer.save_total_limit=-1", "trainer.save_total_limit: must be > 0, got -1"),
+    ("trainer.replay_batch_size=-1", "trainer.replay_batch_size: must be >= 0, got -1"),
+    ("trainer.logging_steps=0", "trainer.logging_steps: must be > 0, got 0"),
+    ("trainer.eval_steps=-1", "trainer.eval_steps: must be >= 0, got -1"),
+    ("data.max_eval_samples=0", "data.max_eval_samples: must be > 0, got 0"),
+    ("peft.r=0", "peft.r: must be > 0 (the LoRA rank), or null for full fine-tuning; got 0"),
+    ("peft.lora_dropout=1.5", "peft.lora_dropout: must lie in [0, 1), got 1.5"),
+    ("optimizer.adam_epsilon=-1", "optimizer.adam_epsilon: must be >= 0, got -1.0"),
+    ("optimizer.adam_beta2=1.5", "optimizer.adam_beta2: must lie in [0, 1), got 1.5"),
+    ("optimizer.max_grad_norm=-1", "optimizer.max_grad_norm: must be > 0, got -1.0"),
+    ("optimizer.lr_scheduler_type=cosin", "optimizer.lr_scheduler_type='cosin' is not usable here: cosin is not"),
+    ("algorithm.value_clip=-0.2", "algorithm.value_clip: must be > 0, got -0.2"),
+    ("model.device=gpu", "model.device: 'gpu' is not a device"),
+    ("model.block_size=0", "model.block_size: must be > 0, got 0"),
+    ("model.mask_token_id=-1", "model.mask_token_id: must be >= 0, got -1"),
+    ("rollout.block_length=-4", "rollout.block_length must be >= 1 (or null for the model's own), got -4"),
+    ("eval.temperature=-1", "eval.temperature: must be >= 0, got -1.0"),
+    ("reward_timeout_s=0", "reward_timeout_s: must be > 0, got 0.0"),
 ])
 def test_mistakes_name_the_key(tmp_path, override, message):
     path = write(tmp_path, {"rollout": {"steps": 8, "max_completion_length": 16, "block_length": 4}})
     with pytest.raises(UserError) as err:
         load_config(path, list(override) if isinstance(override, tuple) else [override])
     assert message in str(err.value)
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # PyYAML reads `1e-5` as text (YAML 1.1 wants 1.0e-5); a number field takes it as the number it spells
+    path = tmp_path / "r.yaml"
+    path.write_text("optimizer:\n  learning_rate: 1e-5\nalgorithm:\n  beta: 4E-2\n")
+    cfg = load_config(str(path), ["optimizer.adam_epsilon=1e-6"])
+    assert cfg.optimizer.learning_rate == 1e-5 and cfg.algorithm.beta == 0.04 and cfg.optimizer.adam_epsilon == 1e-6
+    with pytest.raises(UserError, match="optimizer.learning_rate: expected a number, got '1e-5x'"):
+        load_config(None, ["optimizer.learning_rate=1e-5x"])
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("trainer:\n  max_steps: 3\n  seed: 1\nrollout:\n  steps: 8\ntrainer:\n  output_dir: x\n")
+    with pytest.raises(UserError, match=r"dup.yaml: not valid YAML .*key 'trainer' appears twice \(lines 1 and 6\)"):
+        load_config(str(path))
+    path.write_text("base: &b {steps: 8}\nrollout:\n  <<: *b\n  max_completion_length: 8\n")  # merges still work
+    assert read_yaml(str(path))["rollout"] == {"steps": 8, "max_completion_length": 8}
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -70,6 +112,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(bad))
+    binary = tmp_path / "data.parquet"  # a data file where the recipe goes
+    binary.write_bytes(b"PAR1\x15\x04\x15\xa0\xff\xfe")
+    with pytest.raises(UserError, match="data.parquet: not a text file, so not a YAML recipe"):
+        load_config(str(binary))
 
 
 def test_sft_schema(tmp_path):

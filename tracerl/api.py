@@ -211,6 +211,12 @@ def _rows(dataset: Any, name: str) -> list[dict[str, Any]]:
     if missing:
         raise UserError(f"{name}: row {missing[0]} has no 'prompt' column (columns: {sorted(rows[missing[0]])}); "
                         "TRL-style datasets carry the prompt in 'prompt'")
+    from tracerl.data import prompt_problem
+
+    for i, row in enumerate(rows):
+        problem = prompt_problem(row["prompt"])
+        if problem:
+            raise UserError(f"{name}: row {i}: the prompt {problem}")
     return rows
 
 

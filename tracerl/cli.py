@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from tracerl.errors import UserError
 
@@ -42,9 +44,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tracerl.rollout import RolloutConfig, generate
     from tracerl.rollout.display import completions, format_unmask_order
 
+    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--threshold", args.threshold)):
+        if value is not None and not math.isfinite(value):  # NaN passes the range checks
+            raise UserError(f"{flag}: must be a finite number, got {value}")
+    if args.block_length is not None and args.block_length <= 0:  # a negative block generated nothing, silently
+        raise UserError(f"--block-length: must be > 0, got {args.block_length}")
     config = RolloutConfig(
         max_completion_length=args.max_completion_length,
-        steps=args.steps or args.max_completion_length,
+        steps=args.max_completion_length if args.steps is None else args.steps,  # --steps 0 is an error, not L
         block_length=args.block_length,
         remasking=args.remasking,
         threshold=args.threshold,
@@ -56,7 +63,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     config.validate()  # before the model loads: a bad flag should not cost a checkpoint load
     # a model directory, a TraceRL checkpoint (checkpoint-N/) or a LoRA adapter directory, as `tracerl eval` takes
-    model = build_model(ModelConfig(dtype=args.dtype, device=args.device), path=args.model)
+    model_config = ModelConfig(dtype=args.dtype, device=args.device)
+    model_config.validate()
+    model = build_model(model_config, path=args.model)
     text = format_prompt(model.tokenizer, args.prompt, use_chat_template=args.chat_template)
     prompt_ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     traj = generate(model, [prompt_ids], config)
@@ -87,6 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tracerl.recipe import load_config
 
     config = load_config(args.recipe, args.overrides)
+    _check_writable(Path(config.trainer.output_dir), "trainer.output_dir", directory=True)
     rows = load_rows(config.data, "train")  # data and rewards fail before the model loads
     rewards = build_rewards(config)
     eval_rows = load_rows(config.data, "eval") if config.trainer.eval_steps else None
@@ -108,11 +118,21 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from tracerl.sft import train_sft
 
     config = load_config(args.recipe, args.overrides, kind=SFTConfig)
+    _check_writable(Path(config.trainer.output_dir), "trainer.output_dir", directory=True)
     rows = load_rows(config.data, "train")
-    missing = [i for i, r in enumerate(rows) if config.sft.completion_column not in r]
+    column = config.sft.completion_column
+    missing = [i for i, r in enumerate(rows) if column not in r]
     if missing:
-        raise UserError(f"sft.completion_column: column {config.sft.completion_column!r} not found in row "
+        raise UserError(f"sft.completion_column: column {column!r} not found in row "
                         f"{missing[0]}; columns found: {sorted(rows[missing[0]])}")
+    # a row without the column reads as null (a file whose rows differ), and str(None) would train on "None"
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r[column], (str, int, float))
+                or isinstance(r[column], bool)), None)
+    if bad is not None:
+        d = config.data
+        source = f"data.train_files {d.train_files}" if d.train_files else f"data.dataset_name {d.dataset_name!r}"
+        raise UserError(f"sft.completion_column: row {bad} of {source}: the completion in column {column!r} is "
+                        f"{rows[bad][column]!r}, not text")
     model = build_model(config.model, config.peft)
     history = train_sft(model, rows, config)
     print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}; model in "
@@ -121,24 +141,35 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tracerl.build import build_model, build_rewards, write_jsonl
     from tracerl.data import load_rows
     from tracerl.evaluate import evaluate
     from tracerl.recipe import load_config
+    from tracerl.scoring import check_prompts
 
     config = load_config(args.recipe, args.overrides)
     rows = load_rows(config.data, "eval")
+    out = Path(config.eval.output_file or Path(config.trainer.output_dir) / "eval.jsonl")
+    _check_writable(out, "eval.output_file" if config.eval.output_file else "trainer.output_dir")
     rewards = build_rewards(config)
     model = build_model(config.model, None, path=args.checkpoint or config.model.path)
+    check_prompts(model, rows, config.rollout.max_completion_length, config.model.use_chat_template,
+                  config.model.system_prompt, "eval")  # before the first batch, not in the middle
     summary, records = evaluate(model, rows, rewards, config, progress=True)
-    out = Path(config.eval.output_file or Path(config.trainer.output_dir) / "eval.jsonl")
     write_jsonl(out, records)
     for key, value in summary.items():
         print(f"{key:>28}: {value:.4f}")
     print(f"wrote {len(records)} samples to {out}")
     return 0
+
+
+def _check_writable(out: Path, key: str, directory: bool = False) -> None:
+    """Fail before the model loads, not after the run: a path that cannot be written would lose its results."""
+    if not directory and out.is_dir():
+        raise UserError(f"{key}: {str(out)!r} is a directory; the evaluation writes a JSONL file")
+    existing = next((p for p in [*([out] if directory else []), *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{key}: cannot write {str(out)!r}: {str(existing)!r} is a file, not a directory")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -23,8 +23,31 @@ __all__ = ["AlgorithmConfig", "DataConfig", "DistributedConfig", "EvalConfig", "
 
 def _positive(section: str, **values: float | int | None) -> None:
     for key, value in values.items():
-        if value is not None and value <= 0:
-            raise UserError(f"{section}.{key}: must be > 0, got {value}")
+        if value is not None and not value > 0:  # `not >` also refuses NaN
+            raise UserError(f"{_key(section, key)}: must be > 0, got {value}")
+
+
+def _non_negative(section: str, **values: float | None) -> None:
+    for key, value in values.items():
+        if value is not None and not value >= 0:
+            raise UserError(f"{_key(section, key)}: must be >= 0, got {value}")
+
+
+def _key(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _check_scheduler(name: str) -> None:
+    """optimizer.lr_scheduler_type must be a transformers schedule that needs no further options (the recipe has
+    none to give): probed on a throwaway optimizer, so a typo fails here and not after the model has loaded."""
+    import torch
+    from transformers import get_scheduler
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(name, probe, num_warmup_steps=0, num_training_steps=1)
+    except (ValueError, TypeError, KeyError) as exc:  # transformers' message lists the names
+        raise UserError(f"optimizer.lr_scheduler_type={name!r} is not usable here: {exc}") from None
 
 
 @dataclass
@@ -39,6 +62,18 @@ class ModelConfig:
     use_chat_template: bool = False  # format prompts with the tokenizer's chat template (instruct models)
     system_prompt: str | None = None  # prepended as a system message when use_chat_template is on
 
+    def validate(self) -> None:
+        _positive("model", block_size=self.block_size)
+        _non_negative("model", mask_token_id=self.mask_token_id)
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as exc:
+                raise UserError(f"model.device: {self.device!r} is not a device (auto | cpu | cuda | cuda:N): "
+                                f"{exc}") from None
+
 
 @dataclass
 class DataConfig:
@@ -52,6 +87,9 @@ class DataConfig:
     prompt_template: str | None = None  # build the prompt from other columns, e.g. "Solve: {puzzle}"
     max_eval_samples: int | None = None  # evaluate at most this many rows
 
+    def validate(self) -> None:
+        _positive("data", max_eval_samples=self.max_eval_samples)
+
 
 @dataclass
 class PeftSection:
@@ -59,6 +97,13 @@ class PeftSection:
     lora_alpha: int = 16  # LoRA scaling numerator (scale = lora_alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     target_modules: list[str] | str = "all-linear"  # module names, or "all-linear"
+
+    def validate(self) -> None:
+        if self.r is not None and self.r <= 0:  # r: 0 would otherwise mean full fine-tuning, silently
+            raise UserError(f"peft.r: must be > 0 (the LoRA rank), or null for full fine-tuning; got {self.r}")
+        _positive("peft", lora_alpha=self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"peft.lora_dropout: must lie in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -135,8 +180,9 @@ class AlgorithmConfig:
             raise UserError("algorithm.rollout_correction=tis needs algorithm.estimator=trace, algorithm.shrink=1 and "
                             "algorithm.old_logprobs=recompute: it weighs the replay's old log-prob against the "
                             "sampler's, token by token on the states the sampler visited")
-        if self.tis_cap <= 0:
-            raise UserError(f"algorithm.tis_cap: must be > 0, got {self.tis_cap}")
+        _positive("algorithm", tis_cap=self.tis_cap, value_clip=self.value_clip,
+                  value_learning_rate=self.value_learning_rate)
+        _non_negative("algorithm", epsilon_high=self.epsilon_high)
         if self.use_value_model and self.estimator != "trace":
             raise UserError("algorithm.use_value_model needs algorithm.estimator=trace (values live on trace steps)")
 
@@ -153,9 +199,14 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0  # share of the optimizer steps spent warming the learning rate up
 
     def validate(self) -> None:
-        _positive("optimizer", learning_rate=self.learning_rate)
+        _positive("optimizer", learning_rate=self.learning_rate, max_grad_norm=self.max_grad_norm)
+        _non_negative("optimizer", weight_decay=self.weight_decay, adam_epsilon=self.adam_epsilon)
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(f"optimizer.{key}: must lie in [0, 1), got {getattr(self, key)}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise UserError(f"optimizer.warmup_ratio: must lie in [0, 1], got {self.warmup_ratio}")
+        _check_scheduler(self.lr_scheduler_type)
 
 
 @dataclass
@@ -177,7 +228,10 @@ class TrainerConfig:
     def validate(self) -> None:
         _positive("trainer", max_steps=self.max_steps, num_generations=self.num_generations,
                   per_device_train_batch_size=self.per_device_train_batch_size,
-                  gradient_accumulation_steps=self.gradient_accumulation_steps)
+                  gradient_accumulation_steps=self.gradient_accumulation_steps, logging_steps=self.logging_steps,
+                  save_total_limit=self.save_total_limit)  # a limit <= 0 would delete the checkpoint just written
+        _non_negative("trainer", replay_batch_size=self.replay_batch_size, save_steps=self.save_steps,
+                      eval_steps=self.eval_steps)
         per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if per_step % self.num_generations:
             raise UserError(
@@ -196,7 +250,7 @@ class SFTTrainerConfig:
 
     def validate(self) -> None:
         _positive("trainer", max_steps=self.max_steps, per_device_train_batch_size=self.per_device_train_batch_size,
-                  gradient_accumulation_steps=self.gradient_accumulation_steps)
+                  gradient_accumulation_steps=self.gradient_accumulation_steps, logging_steps=self.logging_steps)
 
 
 @dataclass
@@ -232,10 +286,12 @@ class RLConfig:
                 self.rollout.resolve_block_length(None)
         except UserError as exc:
             raise UserError(f"rollout.{exc}") from None
-        for section in (self.algorithm, self.optimizer, self.trainer):
+        for section in (self.model, self.data, self.algorithm, self.optimizer, self.trainer, self.peft):
             section.validate()
         if self.eval.batch_size <= 0 or self.eval.num_generations <= 0:
             raise UserError("eval.batch_size and eval.num_generations must be > 0")
+        _non_negative("eval", temperature=self.eval.temperature)  # else it fails in the first held-out rollout
+        _positive("", reward_timeout_s=self.reward_timeout_s)
         ds = self.distributed.deepspeed
         if ds and not Path(ds).expanduser().is_file():
             raise UserError(f"distributed.deepspeed: DeepSpeed config {ds!r} does not exist (shipped ones: "
@@ -274,5 +330,5 @@ class SFTConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        for section in (self.sft, self.optimizer, self.trainer):
+        for section in (self.model, self.data, self.sft, self.optimizer, self.trainer, self.peft):
             section.validate()

@@ -61,23 +61,30 @@ def load_rows(data: Any, which: str = "train") -> list[dict[str, Any]]:
     """
     files = data.train_files if which == "train" else (data.eval_files or [])
     split = data.split if which == "train" else data.eval_split
+    key = "data.train_files" if which == "train" else "data.eval_files"
     if files:
         dataset = _from_files(files)
+        source = f"{key} {files}"
     elif data.dataset_name:
         dataset = _from_name(data.dataset_name, data.dataset_config, split)
+        source = f"data.dataset_name {data.dataset_name!r} (split {split!r})"
     else:
-        key = "data.train_files" if which == "train" else "data.eval_files"
         raise UserError(f"{key}: no data given (set {key} or data.dataset_name)")
     rows = [dict(r) for r in dataset]
+    if not rows:  # training would fail after the model load; evaluation would write an empty result
+        raise UserError(f"{source}: no rows")
     if which == "eval" and data.max_eval_samples:
         rows = rows[: data.max_eval_samples]
-    return [with_prompt(r, data, i) for i, r in enumerate(rows)]
+    return [with_prompt(r, data, i, source) for i, r in enumerate(rows)]
 
 
 def _from_files(files: list[str]) -> Any:
     import datasets
 
     for f in files:
+        if Path(f).is_dir():
+            raise UserError(f"data file {f!r} is a directory (a directory saved by datasets goes in "
+                            "data.dataset_name)")
         if not Path(f).is_file():
             raise UserError(f"data file {f!r} does not exist")
     suffixes = {Path(f).suffix.lower() for f in files}
@@ -107,7 +114,11 @@ def _from_name(name: str, config_name: str | None, split: str) -> Any:
     import datasets
 
     if Path(name).is_dir():
-        loaded = datasets.load_from_disk(name)
+        try:
+            loaded = datasets.load_from_disk(name)
+        except Exception as exc:  # noqa: BLE001 - not save_to_disk's layout (a folder of data files?), or damaged
+            raise UserError(f"data.dataset_name {name!r}: not a dataset saved by datasets' save_to_disk "
+                            f"({type(exc).__name__}: {exc}); data files go in data.train_files") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"data.dataset_name {name!r}: no split {split!r} (found {sorted(loaded)})")
@@ -119,16 +130,54 @@ def _from_name(name: str, config_name: str | None, split: str) -> Any:
         raise UserError(f"data.dataset_name {name!r} (split {split!r}) could not be loaded: {exc}") from exc
 
 
-def with_prompt(row: dict[str, Any], data: Any, index: int) -> dict[str, Any]:
-    """Fill `prompt` from data.prompt_template (using the row's columns) or data.prompt_column."""
+def with_prompt(row: dict[str, Any], data: Any, index: int, source: str = "data") -> dict[str, Any]:
+    """Fill `prompt` from data.prompt_template (using the row's columns) or data.prompt_column.
+
+    The prompt must be a string or a non-empty list of chat messages: a file whose rows differ in their columns
+    gives the rows without the column a null (None) there, which would otherwise fail only after the model loads."""
     if data.prompt_template:
         try:
             prompt = data.prompt_template.format(**row)
         except KeyError as exc:
             raise UserError(f"data.prompt_template uses column {exc.args[0]!r}, which row {index} lacks; "
                             f"columns found: {sorted(row)}") from None
+        except (IndexError, ValueError, AttributeError, TypeError) as exc:  # "{0}", "{x", "{x.attr}", "{x:d}"
+            raise UserError(f"data.prompt_template {data.prompt_template!r} cannot be filled from row {index} of "
+                            f"{source} ({type(exc).__name__}: {exc}); use {{column}} names, and {{{{ }}}} for a "
+                            "literal brace") from None
+        null = next((name for name in _template_columns(data.prompt_template) if row.get(name) is None), None)
+        if null is not None:  # a row without the column reads as null, and the prompt would say "None"
+            raise UserError(f"data.prompt_template uses column {null!r}, which is null in row {index} of {source}")
         return {**row, "prompt": prompt}
     if data.prompt_column not in row:
         raise UserError(f"data.prompt_column: column {data.prompt_column!r} not found in row {index}; columns found: "
                         f"{sorted(row)} (or set data.prompt_template)")
-    return {**row, "prompt": row[data.prompt_column]}
+    prompt = row[data.prompt_column]
+    problem = prompt_problem(prompt)
+    if problem:
+        raise UserError(f"data.prompt_column: row {index} of {source}: the prompt in column {data.prompt_column!r} "
+                        f"{problem}")
+    return {**row, "prompt": prompt}
+
+
+def _template_columns(template: str) -> list[str]:
+    """The columns a str.format template reads: "{a} {b[0]} {c.x:>4}" -> [a, b, c]."""
+    import re
+    import string
+
+    names = (field for _, field, _, _ in string.Formatter().parse(template) if field)
+    return [re.split(r"[.\[]", name, maxsplit=1)[0] for name in names]
+
+
+def prompt_problem(prompt: Any) -> str | None:
+    """Why `prompt` is not a prompt (a string, or a non-empty list of {role, content} messages), or None."""
+    if isinstance(prompt, str):
+        return None
+    if prompt is None:
+        return "is null (missing in this row?)"
+    if isinstance(prompt, list):
+        if not prompt:
+            return "is an empty list of chat messages"
+        bad = next((m for m in prompt if not isinstance(m, dict) or not {"role", "content"} <= set(m)), None)
+        return None if bad is None else f"is a list whose entry {bad!r} is not a chat message ({{role, content}})"
+    return f"is {type(prompt).__name__} {prompt!r}, not a string or a list of chat messages"

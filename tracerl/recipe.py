@@ -10,6 +10,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,30 @@ import yaml
 from tracerl import config as schema
 from tracerl.choices import options
 from tracerl.errors import UserError
+
+# YAML 1.1 (PyYAML) reads 1e-5 as the text "1e-5" (it wants 1.0e-5); a number field takes that text as the number
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so a second
+    `trainer:` section would drop every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; not a key of its own
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); the second would "
+                    "silently replace the first", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_config(path: str | None, overrides: list[str] | None = None, kind: type = schema.RLConfig) -> Any:
     """Read a recipe (or start from defaults when path is None), apply overrides, build and validate `kind`."""
@@ -42,9 +68,11 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"recipe file {path!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc})") from exc
+    except UnicodeDecodeError:  # a data file or checkpoint given where the recipe goes
+        raise UserError(f"{path}: not a text file, so not a YAML recipe") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model:, rollout:, ...), got {type(data).__name__}")
     return data
@@ -128,7 +156,11 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every `x > 0` check and would train on NaN
+                raise UserError(f"{path}: must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from tracerl.credit import process_table
 from tracerl.data import columns_of
+from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM
 from tracerl.models.prompting import format_prompt
 from tracerl.rollout import RolloutConfig, Trajectory, generate
@@ -70,6 +71,24 @@ def sample_and_score(
         metrics["rewards/process/mean"] = given.mean().item()
         metrics["rewards/process/steps_per_sequence"] = given.numel() / max(len(texts), 1)
     return ScoredBatch(traj, prompts, texts, columns, rewards, per_function, metrics, process)
+
+
+def check_prompts(model: DiffusionLM, rows: Sequence[dict[str, Any]], max_completion_length: int,
+                  use_chat_template: bool, system_prompt: str | None, what: str) -> None:
+    """Every row's prompt formats and fits the model with its completion, checked once before the first RL step:
+    a bad row then stops the run at its start, naming the row, instead of at whichever step first draws it."""
+    tok, texts = model.tokenizer, []
+    for i, row in enumerate(rows):
+        try:
+            texts.append(format_prompt(tok, row["prompt"], use_chat_template, system_prompt))
+        except UserError as exc:
+            raise UserError(f"{what} row {i}: {exc}") from None
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    for i, n in enumerate(lengths):
+        if n + max_completion_length > model.max_length:
+            raise UserError(f"{what} row {i}: prompt of {n} tokens + rollout.max_completion_length "
+                            f"{max_completion_length} exceeds the model's maximum length {model.max_length} "
+                            "(max_position_embeddings); shorten or drop the row")
 
 
 def _read_rewards(result: Any) -> tuple[Tensor, dict[str, list[float]], dict[str, float], Tensor | None,

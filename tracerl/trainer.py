@@ -40,7 +40,7 @@ from tracerl.peft_utils import keep_requires_grad
 from tracerl.replay import ReplayBatch, TokenScores, build_replay, token_logprobs
 from tracerl.rollout import Trajectory
 from tracerl.rollout.config import derive_seed
-from tracerl.scoring import ScoredBatch, sample_and_score
+from tracerl.scoring import ScoredBatch, check_prompts, sample_and_score
 from tracerl.tracking import MetricsLogger
 from tracerl.update import UpdateState, accumulate, fidelity, finish, has_dropout, make_scheduler, mean_over_rows
 from tracerl.value import Critic, ValueModel
@@ -65,6 +65,9 @@ class RLTrainer:
         alg, tr = config.algorithm, config.trainer
         config.validate()  # impossible combinations fail before any model work, naming the keys
         config.rollout.check_family(model.family, model.block_size)  # a sampler or cache the model cannot take
+        for what, rows in (("training", train_rows), ("eval", eval_rows or [])):  # too long, or not a prompt
+            check_prompts(model, rows, config.rollout.max_completion_length, config.model.use_chat_template,
+                          config.model.system_prompt, what)
         # model copies (value body, reference) are made before any engine partitions the policy's parameters
         self.value_model = ValueModel.from_policy(model) if alg.use_value_model else None
         spec = EngineSpec(completions_per_step(tr), config.optimizer.max_grad_norm,

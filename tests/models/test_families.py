@@ -247,6 +247,14 @@ def test_missing_tensor_is_a_user_error(tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
+def test_truncated_weights_are_a_user_error_naming_the_file(tmp_path):
+    write_llada(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted download
+    with pytest.raises(UserError, match=r"model.safetensors: not a readable safetensors file"):
+        load_model(str(tmp_path), device="cpu")
+
+
 # ---- configuration errors and overrides --------------------------------------------------------------------
 def _patch_config(path, **changes):
     config = json.loads((path / "config.json").read_text())

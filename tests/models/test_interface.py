@@ -95,6 +95,48 @@ def test_unknown_family_is_a_user_error(tmp_path):
         load_model(str(tmp_path))
 
 
+def _broken_copy(src, dst, what):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if what == "no weights":
+        for f in dst.glob("*.safetensors"):
+            f.unlink()
+    elif what == "truncated weights":
+        for f in dst.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[:100])
+    elif what == "no tokenizer":
+        for f in [*dst.glob("tokenizer*"), *dst.glob("special_tokens*")]:
+            f.unlink()
+    elif what == "config list":
+        (dst / "config.json").write_text("[]")
+    elif what == "bad spec":
+        config = json.loads((dst / "config.json").read_text())
+        config["tracerl_diffusion"]["blocksize"] = 4
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("what, message", [
+    ("no weights", "could not load the model weights"),
+    ("truncated weights", "could not load the model weights"),
+    ("no tokenizer", "could not load the tokenizer"),
+    ("config list", "a model config is a JSON object, got list"),
+    ("bad spec", "'tracerl_diffusion' is not a TraceRL family spec"),
+])
+def test_a_broken_checkpoint_directory_is_a_user_error_naming_it(saved_full_model, tmp_path, what, message):
+    path = _broken_copy(saved_full_model, tmp_path / "ckpt", what)
+    with pytest.raises(UserError, match=message) as info:
+        load_model(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_a_mask_id_outside_the_vocabulary_is_a_user_error(saved_full_model):
+    with pytest.raises(UserError, match="mask_token_id 99999 is outside the model's vocabulary"):
+        load_model(str(saved_full_model), mask_token_id=99999)
+
+
 def test_bf16_model_runs():
     model = build_tiny_model("llama", dtype=torch.bfloat16)
     out = model.logits(_ids(model, "abc"))

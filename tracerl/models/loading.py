@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -64,6 +65,9 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "
 def resolve_device(name: str | None) -> str:
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r}: no CUDA GPU is visible to torch here (device: auto uses the GPU when "
+                        "there is one, else the CPU)")
     return name
 
 
@@ -74,9 +78,12 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise UserError(f"{str(path)!r} is not a model directory: no config.json in it")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: a model config is a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_model(path_or_name: str, **overrides: Any) -> DiffusionLM:
@@ -126,16 +133,31 @@ def _detect_layout(config: dict) -> str | None:
 
 def _load_native(path: Path, config: dict, overrides: dict) -> DiffusionLM:
     """A directory TraceRL saved: stock transformers weights + the family spec in config.json."""
-    spec_fields = dict(config["tracerl_diffusion"])
-    for key in ("block_size", "mask_token_id"):
-        if overrides.get(key) is not None:
-            spec_fields[key] = overrides[key]
-    spec = FamilySpec(**spec_fields)
+    try:
+        spec_fields = dict(config["tracerl_diffusion"])
+        for key in ("block_size", "mask_token_id"):
+            if overrides.get(key) is not None:
+                spec_fields[key] = overrides[key]
+        spec = FamilySpec(**spec_fields)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}/config.json: 'tracerl_diffusion' is not a TraceRL family spec ({exc})") from None
     device = overrides["device"]
     dtype = resolve_dtype(overrides.get("dtype"), device)
-    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    # a directory without weights or tokenizer files, or with a truncated weights file, is the user's to fix:
+    # transformers says so in an OSError, the safetensors reader in its own error type
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"{path}: could not load the model weights ({type(exc).__name__}: {exc})") from None
+    vocab = backbone.get_input_embeddings().num_embeddings
+    if not 0 <= spec.mask_token_id < vocab:  # else an index error in the first forward
+        raise UserError(f"{path}: mask_token_id {spec.mask_token_id} is outside the model's vocabulary of {vocab} "
+                        "(model.mask_token_id?)")
     backbone.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
     return DiffusionLM(backbone, tokenizer, spec)
 
 

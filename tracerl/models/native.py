@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -66,7 +66,11 @@ def read_state(path: Path, rules: RenameRules, device: torch.device, dtype: torc
     state: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except SafetensorError as exc:  # truncated or not a safetensors file (an interrupted download)
+            raise UserError(f"{file}: not a readable safetensors file ({exc})") from None
+        with handle:
             for name in handle.keys():
                 target = rename(name, rules)
                 if target is None:
