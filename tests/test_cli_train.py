@@ -148,3 +148,14 @@ def test_lora_checkpoint_exports_to_a_full_model(tiny_dir, tmp_path):
     ids = torch.tensor([[10, 11, 12, 13]])
     torch.testing.assert_close(merged.logits(ids), adapted.logits(ids), atol=1e-4, rtol=1e-4)
     assert (merged.logits(ids) - load_model(str(tiny_dir)).logits(ids)).abs().max() > 1e-5  # training moved it
+
+
+def test_eval_records_write_a_reward_that_does_not_apply_as_null_not_bare_nan(tmp_path):
+    from tracerl.build import write_jsonl
+
+    out = tmp_path / "eval.jsonl"
+    nan, inf = float("nan"), float("inf")
+    write_jsonl(out, [{"reward": nan, "rewards": {"math": inf, "format": 1.0}, "steps": [0.5, nan]}])
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"reward": None, "rewards": {"math": None, "format": 1.0}, "steps": [0.5, None]}

@@ -161,3 +161,9 @@ def test_choices_are_declared_once_as_literal_types():
     assert options(Remasking) == REMASKING
     with pytest.raises(UserError, match="algorithm.kl_estimator: 'k4' is not one of k1, k2, k3"):
         load_config(None, ["algorithm.kl_estimator=k4"])
+
+
+def test_an_override_given_twice_is_an_error_not_the_last_one_silently():
+    with pytest.raises(UserError, match=r"override trainer.max_steps is given twice \('trainer.max_steps=3' and "
+                                        r"'trainer.max_steps=30'\)"):
+        load_config(None, ["trainer.max_steps=3", "algorithm.beta=0.1", "trainer.max_steps=30"])

@@ -6,6 +6,7 @@ The CLI and the demo call these; tests call them too, so what a user launches is
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,19 @@ def make_backend(config: Any, local_rank: int | None) -> Any:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line. A non-finite number (a reward that does not apply is NaN) is written as null:
+    Python's json would write a bare NaN, which strict JSON readers (jq, pandas' ujson, JavaScript) reject."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for row in rows:
-            f.write(json.dumps(row, default=str) + "\n")
+            f.write(json.dumps(_finite_or_null(row), default=str, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value

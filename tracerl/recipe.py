@@ -52,7 +52,12 @@ def load_config(path: str | None, overrides: list[str] | None = None, kind: type
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
+    seen: dict[str, str] = {}
     for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if key in seen:  # as Hydra does: the second would silently win, and the first was meant too
+            raise UserError(f"override {key} is given twice ({seen[key]!r} and {item!r}); keep one")
+        seen[key] = item
         apply_override(raw, item)
     config = build(kind, raw, prefix="")
     if isinstance(config, schema.RLConfig):
