@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tracerl.config import OptimizerConfig, SFTConfig, SFTSection, TrainerConfig
+from tracerl.errors import UserError
 from tracerl.models import build_tiny_model, load_model
 from tracerl.rollout import RolloutConfig, generate
 from tracerl.rollout.display import completions
@@ -27,6 +28,15 @@ def test_loss_is_the_weighted_masked_cross_entropy():
     ce = torch.nn.functional.cross_entropy(logits[0], response[0], reduction="none")
     assert loss.item() == pytest.approx(((ce * masked[0]) / t[0]).sum().item() / 4, rel=1e-5)
     assert metrics["mask_ratio"] == masked.float().mean().item()
+
+
+def test_a_row_too_long_for_the_model_is_refused_by_index_before_training(tmp_path):
+    model = build_tiny_model("llama", max_position_embeddings=32)
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "9" * 30, "completion": "9"}]
+    cfg = SFTConfig(sft=SFTSection(max_completion_length=4), trainer=TrainerConfig(output_dir=str(tmp_path)))
+    with pytest.raises(UserError, match=r"sft row 1: prompt of \d+ tokens \+ sft.max_completion_length 4 exceeds"):
+        train_sft(model, rows, cfg)
+    assert not (tmp_path / "final").exists()
 
 
 @pytest.mark.parametrize("block", [None, 4])

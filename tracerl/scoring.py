@@ -74,7 +74,8 @@ def sample_and_score(
 
 
 def check_prompts(model: DiffusionLM, rows: Sequence[dict[str, Any]], max_completion_length: int,
-                  use_chat_template: bool, system_prompt: str | None, what: str) -> None:
+                  use_chat_template: bool, system_prompt: str | None, what: str,
+                  length_key: str = "rollout.max_completion_length") -> None:
     """Every row's prompt formats and fits the model with its completion, checked once before the first RL step:
     a bad row then stops the run at its start, naming the row, instead of at whichever step first draws it."""
     tok, texts = model.tokenizer, []
@@ -86,7 +87,7 @@ def check_prompts(model: DiffusionLM, rows: Sequence[dict[str, Any]], max_comple
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     for i, n in enumerate(lengths):
         if n + max_completion_length > model.max_length:
-            raise UserError(f"{what} row {i}: prompt of {n} tokens + rollout.max_completion_length "
+            raise UserError(f"{what} row {i}: prompt of {n} tokens + {length_key} "
                             f"{max_completion_length} exceeds the model's maximum length {model.max_length} "
                             "(max_position_embeddings); shorten or drop the row")
 

@@ -23,6 +23,7 @@ from tracerl.data import PromptSampler
 from tracerl.models.base import DiffusionLM
 from tracerl.packing import pack_rows
 from tracerl.rollout.sampler import pad_prompts
+from tracerl.scoring import check_prompts
 from tracerl.tracking import MetricsLogger
 
 
@@ -84,6 +85,10 @@ def train_sft(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTCon
     """Train `model` in place on `rows` (dicts with a prompt and config.sft.completion_column); save at the end
     to `<output_dir>/final`."""
     tr, o = config.trainer, config.optimizer
+    # positions run to prompt + max_completion_length (the block-diffusion packing repeats the response positions):
+    # a row past the model's maximum is refused by index before the first step, not partway through training
+    check_prompts(model, rows, config.sft.max_completion_length, config.model.use_chat_template,
+                  config.model.system_prompt, "sft", length_key="sft.max_completion_length")
     prompts, responses = encode_rows(model, rows, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
