@@ -167,3 +167,10 @@ def test_an_override_given_twice_is_an_error_not_the_last_one_silently():
     with pytest.raises(UserError, match=r"override trainer.max_steps is given twice \('trainer.max_steps=3' and "
                                         r"'trainer.max_steps=30'\)"):
         load_config(None, ["trainer.max_steps=3", "algorithm.beta=0.1", "trainer.max_steps=30"])
+
+
+def test_a_section_with_every_key_commented_out_keeps_its_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("rollout:\n  # steps: 8\ntrainer:\n  max_steps: 3\n")
+    cfg = load_config(str(path))
+    assert cfg.rollout == RLConfig().rollout and cfg.trainer.max_steps == 3

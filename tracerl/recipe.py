@@ -103,6 +103,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def build(kind: type, raw: Any, prefix: str) -> Any:
     """Recursively turn a dict into dataclass `kind`, checking keys and types; errors name the key path."""
+    if raw is None and prefix:  # `rollout:` with every key under it commented out reads as null: the defaults
+        raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(kind)
