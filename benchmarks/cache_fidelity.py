@@ -2,20 +2,22 @@
 
     tracerl tiny outputs/repeat/init --hidden-size 64 --num-layers 4 && tracerl sft recipes/repeat_sft.yaml
     python benchmarks/cache_fidelity.py [--model outputs/repeat/sft/final] [--n 128] [--batch 8]
-        [--variants none prefix dual dual:h8 dual:h32 dual:r8]
+        [--variants none prefix dual dual:h8 dual:h32 dual:r8 elastic elastic:g0 elastic@0.9]
     tracerl sft recipes/repeat1024_sft.yaml && python benchmarks/cache_fidelity.py --length 1024 --n 64 \\
         --variants none prefix dual dual:h8 dual:h32 dual:h64 dual:h128 dual:r8
 
 Greedy decoding of the first `--n` held-out Repeat prompts (`--length`-character responses, semi-AR blocks of 32,
 2 tokens per step) with each variant: a rollout.cache mode, optionally with `:hH` (rollout.cache_horizon H) and
-`:rR` (rollout.cache_refresh R), and optionally `@T`: Fast-dLLM's dynamic threshold T (rollout.threshold) instead of
+`:rR` (rollout.cache_refresh R) for prefix / dual, `:wW` (rollout.cache_window W) and `:gG` (rollout.cache_gamma G)
+for elastic, and optionally `@T`: Fast-dLLM's dynamic threshold T (rollout.threshold) instead of
 the fixed 2 tokens per step, i.e. parallel decoding on top of the cache. The first variant is the reference (keep it
 `none`, the exact decoder): agreement = the share of response tokens equal to its tokens, accuracy = exact copies
 (tracerl.tasks.repeat.solved_reward).
 
 Two speed columns. "speed-up" is wall-clock on this machine, where a tiny model's per-call overhead makes a cached
 step cost far more than its share of the arithmetic. "compute" is hardware-independent: the reference's positions
-run through the network (prompt + response positions of every row, summed over forwards) over the variant's, the
+run through the network (positions entering each layer, summed over forwards and divided by the layers, so a
+cache that recomputes some layers only, like elastic, counts what it runs) over the variant's, the
 speed-up a model large enough to be bound by its matrix products approaches (attention over the keys, cached or
 not, is a few percent of an 8B model's work at these lengths).
 """
@@ -58,15 +60,27 @@ def variant_config(name: str, length: int) -> RolloutConfig:
 
 
 class PositionCounter:
-    """Counts the positions every forward of `module` runs (rows x sequence length of its input_ids)."""
+    """Counts the positions every decoder layer runs (rows x positions entering its MLP), over the layers: the
+    positions a forward runs through the whole network. Counting per layer is what lets a cache that recomputes
+    only some layers (elastic) be measured like the others."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.positions = 0
-        module.register_forward_pre_hook(self.count, with_kwargs=True)
+    def __init__(self, model: torch.nn.Module):
+        self.layer_positions = 0
+        layers = list(model.decoder().layers)
+        self.num_layers = len(layers)
+        for layer in layers:
+            layer.mlp.register_forward_pre_hook(self.count)
 
-    def count(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self.positions += ids.numel()
+    def count(self, _module: torch.nn.Module, args: tuple) -> None:
+        self.layer_positions += args[0].shape[:-1].numel()
+
+    @property
+    def positions(self) -> float:
+        return self.layer_positions / self.num_layers
+
+    @positions.setter
+    def positions(self, value: float) -> None:
+        self.layer_positions = value * self.num_layers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     configs = {name: variant_config(name, args.length) for name in args.variants}
     model = load_model(args.model)
-    counter = PositionCounter(model.backbone)
+    counter = PositionCounter(model)
     rows = read_rows(args.data)[:args.n]
     gold = [r["solution"] for r in rows]
     if any(len(g) != args.length for g in gold):

@@ -1,7 +1,7 @@
 """RL with approximate rollout caches: does TraceRL still learn when the sampler is not the model, and does TIS help?
 
     tracerl tiny outputs/repeat/init --hidden-size 64 --num-layers 4 && tracerl sft recipes/repeat_sft.yaml
-    python benchmarks/cache_rl.py --jobs 2 --seeds 0 1 2         # the README's comparison: 5 arms x 3 seeds, ~90 min
+    python benchmarks/cache_rl.py --jobs 2 --seeds 0 1 2         # the README's comparison: 6 arms x 3 seeds, ~110 min
     python benchmarks/cache_rl.py --quick                        # smoke run, under a minute
 
 The task is Repeat (tracerl/tasks/repeat.py: 256-character answers) from the SFT start model of
@@ -16,6 +16,7 @@ same compute budget; only the rollout differs:
   dual       rollout.cache=dual: the masked suffix's reused too (Fast-dLLM's dual cache)
   dual_tis   dual + algorithm.rollout_correction=tis (each token's loss weighted by min(pi_old / pi_sampler, 2))
   dual_h8    dual with rollout.cache_horizon=8: the 8 positions after the block recomputed at every step too
+  elastic    rollout.cache=elastic: Elastic-Cache at its published gamma 0.9, a window of 32 masks from the block
 
 The budget clock is the process CPU time (one thread per run), so runs sharing the machine are charged only their
 own work. Every `--eval-every` RL steps (not charged) the held-out prompts are decoded greedily twice: with the exact
@@ -54,6 +55,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "dual": {"cache": "dual"},
     "dual_tis": {"cache": "dual", "rollout_correction": "tis"},
     "dual_h8": {"cache": "dual:h8"},
+    "elastic": {"cache": "elastic"},
 }
 GAP_KEYS = ("rollout/logprob_gap_mean", "rollout/greedy_mismatch", "rollout/is_weight_mean")
 

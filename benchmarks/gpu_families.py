@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_families.py           # one CUDA GPU, bf16; under 2 minutes on an H100
     python benchmarks/gpu_families.py --tiny    # CPU dry run with toy dimensions (checks the script itself)
-    python benchmarks/gpu_families.py --families llada --caches none prefix dual dual:h128 --length 1024
+    python benchmarks/gpu_families.py --families llada --caches none prefix dual dual:h128 elastic --length 1024
                                                 # LLaDA with each approximate cache (rollout.cache), static and dynamic
 
 The models are built from published-style config.json dicts through the family modules' own config mapping
@@ -14,7 +14,8 @@ The lm_head is scaled up (x40) so the random model's distributions are as peaked
 no position ever clears the threshold and the dynamic policy degenerates to the static one. Reported per run:
 committed tokens/s, model forwards, peak GPU memory (torch.cuda.max_memory_allocated) and the GPU's name.
 `--caches` runs full-attention families (LLaDA) once per cache name (tracerl.rollout.caching.cache_settings:
-none | prefix | dual, with :hH for cache_horizon and :rR for cache_refresh); block diffusion keeps its exact KV cache.
+none | prefix | dual, with :hH for cache_horizon and :rR for cache_refresh; elastic, with :wW for cache_window and
+:gG for cache_gamma); block diffusion keeps its exact KV cache.
 Random weights say nothing about a cache's fidelity (benchmarks/cache_fidelity.py measures that on a trained model):
 these rows are speed and memory only.
 """

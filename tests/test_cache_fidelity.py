@@ -26,9 +26,9 @@ def test_the_fidelity_table_compares_each_variant_with_the_exact_decoder(tmp_pat
 
     build_tiny_model("llama", seed=0).save_pretrained(tmp_path / "tiny")
     cache_fidelity.main(["--model", str(tmp_path / "tiny"), "--n", "3", "--batch", "2", "--threads", "1",
-                         "--variants", "none", "dual:h8", "dual:r1", "dual", "none@0.000001"])
+                         "--variants", "none", "dual:h8", "dual:r1", "dual", "none@0.000001", "elastic:g0"])
     rows = table_rows(capsys.readouterr().out)
-    assert set(rows) == {"none", "dual:h8", "dual:r1", "dual", "none@0.000001"}
+    assert set(rows) == {"none", "dual:h8", "dual:r1", "dual", "none@0.000001", "elastic:g0"}
     forwards, compute, agreement = ({name: row[i] for name, row in rows.items()} for i in (1, 4, 5))
     assert agreement["none"] == "100.0%" and compute["none"] == "1.00x"  # the reference against itself
     # a refresh at every step is the exact decoder: the same tokens from the same full-frame forwards
@@ -38,20 +38,36 @@ def test_the_fidelity_table_compares_each_variant_with_the_exact_decoder(tmp_pat
     assert forwards["dual"] == forwards["none"]  # a cache changes what a forward runs, not how many
     # a threshold every position passes commits a whole block of 32 per forward, against 2 per forward
     assert int(forwards["none@0.000001"]) * 16 == int(forwards["none"])
+    # Elastic-Cache without its trigger runs a window of 32 masks plus a few tokens per step: above dual's 32 + 32
+    assert 1.0 < float(compute["elastic:g0"][:-1]) and forwards["elastic:g0"] == forwards["none"]
 
 
-def test_the_position_counter_counts_rows_times_length(cache_fidelity):
+def test_the_position_counter_counts_positions_through_the_whole_network(cache_fidelity):
+    """Positions are counted where every layer runs them (its MLP), then divided by the layers: a plain forward
+    counts rows x length; Elastic-Cache's step 0 is a plain forward; a cached step that recomputes only its query
+    rows in every layer counts exactly those rows."""
     import torch
 
-    class Backbone(torch.nn.Module):  # transformers' calling convention: input_ids positional or by keyword
-        def forward(self, input_ids=None, attention_mask=None):
-            return input_ids
+    from tracerl.models import build_tiny_model
+    from tracerl.rollout.elastic import ElasticCache
 
-    backbone = Backbone()
-    counter = cache_fidelity.PositionCounter(backbone)
-    backbone(torch.zeros(3, 7, dtype=torch.long))
-    backbone(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5))
-    assert counter.positions == 3 * 7 + 2 * 5
+    model = build_tiny_model("llama", seed=0, num_layers=3).eval()
+    counter = cache_fidelity.PositionCounter(model)
+    with torch.no_grad():
+        model.logits(torch.full((3, 7), 20))
+        model.logits(torch.full((2, 5), 20))
+        assert counter.positions == 3 * 7 + 2 * 5
+        counter.positions = 0
+        x = torch.full((2, 12), model.mask_token_id)
+        x[:, :4] = 20
+        cache = ElasticCache(model, window=4, gamma=0.0)  # gamma 0: no layer ever recomputes everything
+        cache.block_logits(x, torch.ones_like(x), 4, 8)
+        assert counter.positions == 2 * 12
+        # each layer tracked one token; a row's query is their union, then the changed tokens, then the window
+        tracked = max(len(set(cache.track[:, n].flatten().tolist())) for n in range(2))
+        x[:, 4] = 30  # one committed token: query = tracked + 1 changed + the window's 4 masks, in every layer
+        cache.block_logits(x, torch.ones_like(x), 5, 8)
+    assert counter.positions == 2 * 12 + 2 * (tracked + 1 + 4)
 
 
 @pytest.mark.parametrize("variant, says", [("dual@x", "the threshold after @ must be a number, got 'x'"),

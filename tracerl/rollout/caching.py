@@ -11,9 +11,9 @@ et al. 2025) reuses them anyway within a semi-autoregressive block:
 
 Two knobs trade speed back for fidelity. A horizon H recomputes H positions past the block at every step as well:
 the prefix cache then drops the positions beyond them from attention (dLLM-RL's windowed cache), the dual cache
-serves them stale from its cache, so only the far [MASK] suffix is stale (Elastic-Cache's sliding window rests on
-the observation that distant masks matter least; its attention-drift test and layer-wise refresh are not done
-here). A refresh interval R runs the exact full forward again every R steps inside the block (a fixed-period
+serves them stale from its cache, so only the far [MASK] suffix is stale (after Elastic-Cache's observation that
+distant masks matter least; Elastic-Cache itself, with its attention-drift test and layer-wise refresh, is
+rollout.cache: elastic in elastic.py). A refresh interval R runs the exact full forward again every R steps inside the block (a fixed-period
 refresh; dLLM-Cache also refreshes on fixed periods, with separate prompt / response intervals and partial updates
 in between), so no key is more than R - 1 steps stale. benchmarks/cache_fidelity.py measures what
 each costs and keeps on a trained model.
@@ -33,21 +33,29 @@ from transformers import DynamicCache
 from tracerl.models.base import DiffusionLM
 from tracerl.models.masks import positions_from_padding
 
-CACHE_MODES = ("none", "prefix", "dual")
-_KNOBS = {"h": "cache_horizon", "r": "cache_refresh"}
+CACHE_MODES = ("none", "prefix", "dual", "elastic")
+_KNOBS = {"h": ("cache_horizon", int), "r": ("cache_refresh", int), "w": ("cache_window", int),
+          "g": ("cache_gamma", float)}
 
 
-def cache_settings(name: str) -> dict[str, str | int]:
+def cache_settings(name: str) -> dict[str, str | int | float]:
     """The rollout settings a short cache name stands for, as benchmarks and result tables write them:
-    'dual:h8:r4' -> {cache: dual, cache_horizon: 8, cache_refresh: 4}; 'none' / 'prefix' / 'dual' alone."""
+    'dual:h8:r4' -> {cache: dual, cache_horizon: 8, cache_refresh: 4}; 'elastic:w64:g0.8' -> {cache: elastic,
+    cache_window: 64, cache_gamma: 0.8}; a mode alone."""
     mode, *knobs = name.split(":")
     if mode not in CACHE_MODES:
         raise ValueError(f"cache {name!r}: the mode must be one of {', '.join(CACHE_MODES)}")
-    settings: dict[str, str | int] = {"cache": mode}
+    settings: dict[str, str | int | float] = {"cache": mode}
     for knob in knobs:
-        if knob[:1] not in _KNOBS or not knob[1:].isdigit():
-            raise ValueError(f"cache {name!r}: knobs are :hH (cache_horizon) and :rR (cache_refresh), got {knob!r}")
-        settings[_KNOBS[knob[0]]] = int(knob[1:])
+        key, kind = _KNOBS.get(knob[:1], (None, int))
+        try:
+            value = kind(knob[1:]) if key else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValueError(f"cache {name!r}: knobs are :hH (cache_horizon), :rR (cache_refresh), :wW (cache_window) "
+                             f"and :gG (cache_gamma), got {knob!r}")
+        settings[key] = value
     return settings
 
 

@@ -44,13 +44,18 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens holding this much probability
     top_k: int = 0  # sample among the k most likely tokens; 0 = off
     use_kv_cache: bool = True  # block diffusion: serve committed blocks from the KV cache (exact)
-    cache: CacheMode = "none"  # full attention (LLaDA, Dream): Fast-dLLM's approximate cache per semi-AR block:
-    #   none (exact) | prefix (reuse the prefix's keys) | dual (prefix and suffix); tracerl/rollout/caching.py
+    cache: CacheMode = "none"  # full attention (LLaDA, Dream): none (exact) | Fast-dLLM's approximate cache per
+    #   semi-AR block, prefix (reuse the prefix's keys) | dual (prefix and suffix) (tracerl/rollout/caching.py) |
+    #   elastic: Elastic-Cache, a sliding window of masks and attention-drift-triggered refresh (rollout/elastic.py)
     cache_horizon: int | None = None  # positions past the block recomputed at every cached step. prefix: the
     #   ones beyond are dropped from attention until the next block (dLLM-RL's further horizon); None = all of them.
     #   dual: the ones beyond are served stale from the cache; None = 0 (Fast-dLLM's dual cache)
     cache_refresh: int | None = None  # run the exact full forward again every this many steps inside a block
     #   (None: only at the block's first step, as Fast-dLLM does)
+    cache_window: int | None = None  # elastic: the still-masked positions recomputed at every step, from the
+    #   block's start (>= block_length; None = block_length; the authors use 16 for LLaDA, 32 for Dream)
+    cache_gamma: float | None = None  # elastic: the attention-drift trigger; a layer whose tracked tokens' attention
+    #   keeps a cosine similarity below it makes every later layer recompute every position (None = 0.9, published)
     seed: int | None = None  # None = the global torch RNG; else row n samples from its own generator (row seeds)
 
     def validate(self) -> None:
@@ -86,10 +91,15 @@ class RolloutConfig:
         if self.cache != "none" and self.remasking in PUBLISHED_SAMPLERS:
             raise UserError(f"cache={self.cache} is not implemented with rollout.remasking={self.remasking} "
                             "(rollout.cache and rollout.remasking: the published samplers run uncached)")
-        if self.cache_horizon is not None and (self.cache == "none" or self.cache_horizon < 0):
+        if self.cache_window is not None and (self.cache != "elastic" or self.cache_window < 1):
+            raise UserError(f"cache_window={self.cache_window} needs rollout.cache elastic and a value >= 1")
+        if self.cache_gamma is not None and (self.cache != "elastic" or not 0.0 <= self.cache_gamma <= 2.0):
+            raise UserError(f"cache_gamma={self.cache_gamma} needs rollout.cache elastic and a value in [0, 2] "
+                            "(a cosine similarity threshold; above 1 every cached step refreshes from layer 1)")
+        if self.cache_horizon is not None and (self.cache not in ("prefix", "dual") or self.cache_horizon < 0):
             raise UserError(f"cache_horizon={self.cache_horizon} needs rollout.cache prefix or dual and a "
                             "value >= 0")
-        if self.cache_refresh is not None and (self.cache == "none" or self.cache_refresh < 1):
+        if self.cache_refresh is not None and (self.cache not in ("prefix", "dual") or self.cache_refresh < 1):
             raise UserError(f"cache_refresh={self.cache_refresh} needs rollout.cache prefix or dual and a "
                             "value >= 1")
 
@@ -127,6 +137,10 @@ class RolloutConfig:
             block = self.block_length or L
         if L % block:
             raise UserError(f"max_completion_length={L} is not a multiple of block_length={block}")
+        if self.cache == "elastic" and self.cache_window is not None and self.cache_window < block:
+            raise UserError(f"cache_window={self.cache_window} is shorter than the block the sampler commits in "
+                            f"(block_length={block}): every position it may commit needs fresh logits; set "
+                            f"rollout.cache_window >= {block} or a shorter rollout.block_length")
         num_blocks = L // block
         if self.threshold is None and self.steps % num_blocks:
             raise UserError(

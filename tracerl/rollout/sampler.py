@@ -22,6 +22,7 @@ from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM
 from tracerl.rollout import published
 from tracerl.rollout.caching import ApproximateCache
+from tracerl.rollout.elastic import PUBLISHED_GAMMA, ElasticCache
 from tracerl.rollout.config import PUBLISHED_SAMPLERS, RolloutConfig, derive_seed
 from tracerl.rollout.policies import choose_commits, confidence, sample_tokens, sampling_logprobs, static_schedule
 from tracerl.rollout.trajectory import Trajectory
@@ -88,7 +89,11 @@ class _Sampler:
             self.generator = torch.Generator(device=dev).manual_seed(cfg.seed)
         self.cache = None  # block diffusion: K/V of the frame columns that are final for every row
         # full attention with rollout.cache: Fast-dLLM's approximate prefix / dual cache, refreshed per block
-        self.approx = None if cfg.cache == "none" else ApproximateCache(model, cfg.cache, cfg.cache_horizon)
+        self.approx = None if cfg.cache in ("none", "elastic") else ApproximateCache(model, cfg.cache,
+                                                                                      cfg.cache_horizon)
+        # or Elastic-Cache: one full forward, then a window of masks with attention-drift-triggered refresh
+        self.elastic = None if cfg.cache != "elastic" else ElasticCache(
+            model, cfg.cache_window or blocks.block, PUBLISHED_GAMMA if cfg.cache_gamma is None else cfg.cache_gamma)
         self.approx_block, self.approx_age = -1, 0  # the block the cache belongs to; steps since its refresh
         # The published samplers feed a time-conditioned network the grid's sigma; each fed value is logged with the
         # rows that committed on it and their step, to become Trajectory.noise_level.
@@ -116,6 +121,9 @@ class _Sampler:
             logits, self.cache = self.model.logits_cached(
                 self.x[:, cached:end], self.attn[:, :end], self.cache, keep_in_cache=final - cached)
             first = cached
+        elif self.elastic is not None:
+            first = P + int(lo.min())
+            logits = self.elastic.block_logits(self.x, self.attn, first, end)
         elif self.approx is not None:  # semi-AR blocks start at the response: one [lo, hi) for every row
             first = P + int(lo.min())
             refresh_every = self.cfg.cache_refresh
