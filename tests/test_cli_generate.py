@@ -38,6 +38,8 @@ def test_generate_prints_completion_and_unmask_order(block_dir, tmp_path):
     (["--block-length", "-2"], "--block-length: must be > 0, got -2"),  # generated nothing, exit 0
     (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
     (["--prompt", "x" * 70], "exceeds the model's maximum length 64"),
+    (["--cache", "elastic:gx"], "--cache: cache 'elastic:gx': knobs are"),
+    (["--cache", "elastic"], "rollout.cache=elastic is for full-attention models"),  # this model is block diffusion
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(block_dir, args, message):
     base = {"--model": str(block_dir), "--prompt": "hi", "--max-completion-length": "8"}
@@ -55,3 +57,16 @@ def test_unknown_family_lists_the_supported_ones(tmp_path):
     out = run_cli("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert out.returncode == 2
     assert "model_type='mamba_diffusion'" in out.stderr and "llada" in out.stderr and "sdar" in out.stderr
+
+
+def test_generate_with_a_cache_on_a_full_attention_model(tmp_path):
+    from tracerl.models import build_tiny_model
+
+    build_tiny_model("llama", max_position_embeddings=64).save_pretrained(tmp_path / "llada_like")
+    out = run_cli("generate", "--model", str(tmp_path / "llada_like"), "--prompt", "hello", "--max-completion-length",
+                  "16", "--steps", "8", "--block-length", "8", "--cache", "elastic:g0.5", "--show-trajectory")
+    assert out.returncode == 0, out.stderr
+    assert "# unmask order (8 forwards, 8 steps)" in out.stdout
+    out = run_cli("generate", "--model", str(tmp_path / "llada_like"), "--prompt", "hello", "--max-completion-length",
+                  "16", "--steps", "8", "--block-length", "8", "--cache", "elastic:w4")
+    assert out.returncode == 2 and "cache_window=4 is shorter than the block" in out.stderr

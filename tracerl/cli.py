@@ -31,6 +31,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-kv-cache", action="store_true", help="block diffusion: recompute committed blocks")
+    p.add_argument("--cache", default="none", help="full attention (LLaDA, Dream): none | prefix | dual | elastic, "
+                   "with knobs as in the benchmarks: dual:h8 (cache_horizon), dual:r4 (cache_refresh), elastic:w64 "
+                   "(cache_window), elastic:g0.8 (cache_gamma)")
     p.add_argument("--show-trajectory", action="store_true", help="print which tokens each step committed")
     p.add_argument("--save-trajectory", default=None, help="write the Trajectory to this file (torch format)")
     p.add_argument("--plot", default=None, help="draw the unmask order (step x position heatmap) to this PNG")
@@ -42,6 +45,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tracerl.config import ModelConfig
     from tracerl.models.prompting import format_prompt
     from tracerl.rollout import RolloutConfig, generate
+    from tracerl.rollout.caching import cache_settings
     from tracerl.rollout.display import completions, format_unmask_order
 
     for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--threshold", args.threshold)):
@@ -49,6 +53,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise UserError(f"{flag}: must be a finite number, got {value}")
     if args.block_length is not None and args.block_length <= 0:  # a negative block generated nothing, silently
         raise UserError(f"--block-length: must be > 0, got {args.block_length}")
+    try:
+        cache = cache_settings(args.cache)
+    except ValueError as err:
+        raise UserError(f"--cache: {err}") from None
     config = RolloutConfig(
         max_completion_length=args.max_completion_length,
         steps=args.max_completion_length if args.steps is None else args.steps,  # --steps 0 is an error, not L
@@ -60,6 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         use_kv_cache=not args.no_kv_cache,
         seed=args.seed,
+        **cache,
     )
     config.validate()  # before the model loads: a bad flag should not cost a checkpoint load
     # a model directory, a TraceRL checkpoint (checkpoint-N/) or a LoRA adapter directory, as `tracerl eval` takes
