@@ -11,6 +11,7 @@ from typing import Literal, get_args
 Remasking = Literal["low_confidence", "top_margin", "entropy", "random", "mdlm_ancestral", "sedd_euler",
                     "sedd_analytic"]
 CacheMode = Literal["none", "prefix", "dual", "elastic"]
+DriftAxis = Literal["heads", "keys"]
 LossType = Literal["ppo", "reinforce", "wd1"]
 KLKind = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant", "microbatch-token-mean",

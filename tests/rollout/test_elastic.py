@@ -195,3 +195,27 @@ def test_the_trainer_measures_and_corrects_the_elastic_gap(tmp_path):
     metrics = RLTrainer(cfg, build_tiny_model("llama", seed=0), reward, [{"prompt": p} for p in PROMPTS]).train_step()
     assert metrics["rollout/logprob_gap_mean"] > 1e-4
     assert 0.0 < metrics["rollout/is_weight_mean"] <= 2.0
+
+
+def test_the_drift_over_the_keys_compares_each_heads_distribution():
+    """axis 'keys', worked by hand on the same weights as above. Row 0, head 0: (1/2, 1/2) against itself, 1;
+    head 1: (1, 0) against (0, 1), 0; the mean over heads is 1/2 (the padding key is zero in both and changes
+    nothing). Row 1 tracks nothing: 1.0."""
+    past = torch.tensor([[[[0.5, 0.5, 0.0]], [[1.0, 0.0, 0.0]]], [[[0.2, 0.8, 0.0]], [[0.3, 0.7, 0.0]]]])
+    now = torch.tensor([[[[0.5, 0.5, 0.0]], [[0.0, 1.0, 0.0]]], [[[0.9, 0.1, 0.0]], [[0.3, 0.7, 0.0]]]])
+    tracked = torch.tensor([[True], [False]])
+    keys = torch.tensor([[True, True, False], [True, True, False]])
+    torch.testing.assert_close(attention_drift(past, now, tracked, keys, axis="keys"), torch.tensor([0.5, 1.0]))
+
+
+def test_the_drift_axis_is_a_setting():
+    model = tiny("llama", 0)
+    cfg = RolloutConfig(max_completion_length=16, steps=8, block_length=8, temperature=0.0, cache="elastic",
+                        cache_drift="keys", cache_gamma=1.5)  # always triggers: every later layer recomputed
+    traj = generate(model, encode(model, PROMPTS), cfg)
+    assert not (traj.response_ids == model.mask_token_id).any()
+    assert cache_settings("elastic:dkeys") == {"cache": "elastic", "cache_drift": "keys"}
+    with pytest.raises(UserError, match="cache_drift='rows' needs rollout.cache elastic and one of heads, keys"):
+        RolloutConfig(cache="elastic", cache_drift="rows").validate()
+    with pytest.raises(UserError, match="cache_drift='keys' needs rollout.cache elastic"):
+        RolloutConfig(cache="dual", cache_drift="keys").validate()

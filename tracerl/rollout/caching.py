@@ -35,7 +35,7 @@ from tracerl.models.masks import positions_from_padding
 
 CACHE_MODES = ("none", "prefix", "dual", "elastic")
 _KNOBS = {"h": ("cache_horizon", int), "r": ("cache_refresh", int), "w": ("cache_window", int),
-          "g": ("cache_gamma", float)}
+          "g": ("cache_gamma", float), "d": ("cache_drift", str)}
 
 
 def cache_settings(name: str) -> dict[str, str | int | float]:
@@ -53,8 +53,8 @@ def cache_settings(name: str) -> dict[str, str | int | float]:
         except ValueError:
             value = None
         if value is None:
-            raise ValueError(f"cache {name!r}: knobs are :hH (cache_horizon), :rR (cache_refresh), :wW (cache_window) "
-                             f"and :gG (cache_gamma), got {knob!r}")
+            raise ValueError(f"cache {name!r}: knobs are :hH (cache_horizon), :rR (cache_refresh), :wW (cache_window), "
+                             f":gG (cache_gamma) and :dkeys / :dheads (cache_drift), got {knob!r}")
         settings[key] = value
     return settings
 

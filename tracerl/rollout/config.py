@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tracerl.choices import CacheMode, Remasking, options
+from tracerl.choices import CacheMode, DriftAxis, Remasking, options
 from tracerl.errors import UserError
 
 REMASKING = options(Remasking)
@@ -56,6 +56,8 @@ class RolloutConfig:
     #   block's start (>= block_length; None = block_length; the authors use 16 for LLaDA, 32 for Dream)
     cache_gamma: float | None = None  # elastic: the attention-drift trigger; a layer whose tracked tokens' attention
     #   keeps a cosine similarity below it makes every later layer recompute every position (None = 0.9, published)
+    cache_drift: DriftAxis | None = None  # elastic: heads (the authors' code: cosine across heads at each key) | keys (each
+    #   head's attention distribution over the keys); None = heads
     seed: int | None = None  # None = the global torch RNG; else row n samples from its own generator (row seeds)
 
     def validate(self) -> None:
@@ -96,6 +98,8 @@ class RolloutConfig:
         if self.cache_gamma is not None and (self.cache != "elastic" or not 0.0 <= self.cache_gamma <= 2.0):
             raise UserError(f"cache_gamma={self.cache_gamma} needs rollout.cache elastic and a value in [0, 2] "
                             "(a cosine similarity threshold; above 1 every cached step refreshes from layer 1)")
+        if self.cache_drift is not None and (self.cache != "elastic" or self.cache_drift not in ("heads", "keys")):
+            raise UserError(f"cache_drift={self.cache_drift!r} needs rollout.cache elastic and one of heads, keys")
         if self.cache_horizon is not None and (self.cache not in ("prefix", "dual") or self.cache_horizon < 0):
             raise UserError(f"cache_horizon={self.cache_horizon} needs rollout.cache prefix or dual and a "
                             "value >= 0")

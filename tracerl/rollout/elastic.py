@@ -13,9 +13,15 @@ what the attention itself says, how much to recompute. Reproduced from the autho
             theirs in the cache, and the query rows attend over every cached key.
   drift     at layer l the tracked tokens' attention is compared with what the same tokens' cached queries gave
             against the layer's keys before this step's update: the cosine similarity taken across the heads
-            (`F.cosine_similarity(past, now, dim=1)` on [B, heads, tracked, keys], as published), averaged over the
-            tracked tokens and the keys. Below `gamma`, every layer after l recomputes every position: layer l + 1
-            starts from its cached inputs with the query rows written in, and all its caches are rebuilt.
+            (`F.cosine_similarity(past, now, dim=1)` on [B, heads, tracked, keys], as the authors' code does),
+            averaged over the tracked tokens and the keys. Below `gamma`, every layer after l recomputes every
+            position: layer l + 1 starts from its cached inputs with the query rows written in, and all its caches
+            are rebuilt. `drift_axis="keys"` (rollout.cache_drift: keys) compares instead each head's attention
+            distribution over the keys (cosine over the key axis, averaged over heads): our reading of "the attention
+            weights change", not the authors' code. Across heads, the mean over every key is dominated by the many
+            keys no head attends to, whose tiny weights change direction easily; on a trained 4-head model the
+            authors' statistic sits near 0.75 and 0.18 in layers 1 and 2 at almost every step, so it refreshes
+            half the network at gamma 0.9 (benchmarks/cache_fidelity.py measures both).
   tracking  at every layer, the token that is not [MASK] and receives the most attention from the window's masks
             (summed over heads and rows) is that layer's tracked token for the next step.
 
@@ -47,17 +53,26 @@ PUBLISHED_GAMMA = 0.9  # the update trigger of the authors' scripts (LLaDA and D
 TRACK_NUM = 1  # most-attended tokens tracked per layer (authors' default)
 
 
-def attention_drift(past: torch.Tensor, now: torch.Tensor, tracked: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Per-row drift similarity [N] of the tracked tokens' attention, as published: cosine similarity across the
-    heads axis, averaged over the valid tracked rows and the real keys.
+def attention_drift(past: torch.Tensor, now: torch.Tensor, tracked: torch.Tensor, keys: torch.Tensor,
+                    axis: str = "heads") -> torch.Tensor:
+    """Per-row drift similarity [N] of the tracked tokens' attention.
 
+    axis "heads" (the authors' code): cosine similarity across the heads axis at each key, averaged over the valid
+    tracked rows and the real keys. axis "keys": the cosine similarity of each head's attention distribution over
+    the real keys, averaged over the heads and the valid tracked rows.
     past, now: attention weights [N, H, K, T] (K tracked query rows); tracked [N, K] bool real tracked rows;
     keys [N, T] bool real key positions. A row with no tracked token reports 1.0 (no drift measurable)."""
-    # F.cosine_similarity(past, now, dim=1) written out (the same formula, eps 1e-8): torch's reduction over a
+    if axis == "keys":
+        real = keys[:, None, None, :].to(past.dtype)  # padding keys count in neither vector
+        past, now, dim = past * real, now * real, -1
+        weight = tracked[:, None, :].expand(-1, past.shape[1], -1).to(past.dtype)  # [N, H, K]
+    else:
+        dim = 1
+        weight = (tracked[:, :, None] & keys[:, None, :]).to(past.dtype)  # [N, K, T]
+    # F.cosine_similarity(past, now, dim) written out (the same formula, eps 1e-8): torch's reduction over a
     # middle axis is several times slower than these sums
-    dot, p2, n2 = (past * now).sum(1), past.square().sum(1), now.square().sum(1)
-    sim = dot / (p2 * n2).clamp(min=1e-16).sqrt()  # [N, K, T]
-    weight = (tracked[:, :, None] & keys[:, None, :]).to(sim.dtype)  # [N, K, T]
+    dot, p2, n2 = (past * now).sum(dim), past.square().sum(dim), now.square().sum(dim)
+    sim = dot / (p2 * n2).clamp(min=1e-16).sqrt()  # [N, K, T] (heads) or [N, H, K] (keys)
     count = weight.sum((1, 2))
     return torch.where(count > 0, (sim * weight).sum((1, 2)) / count.clamp(min=1), torch.ones_like(count))
 
@@ -88,14 +103,15 @@ class ElasticCache:
     forward. Counts layer passes (`layer_passes`) and how many of them recomputed every position (`full_passes`):
     the published `num_computed / total_computed`."""
 
-    def __init__(self, model: DiffusionLM, window: int, gamma: float = PUBLISHED_GAMMA, track_num: int = TRACK_NUM):
+    def __init__(self, model: DiffusionLM, window: int, gamma: float = PUBLISHED_GAMMA, track_num: int = TRACK_NUM,
+                 drift_axis: str = "heads"):
         backbone = model.backbone
         inner = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         self.decoder = inner.get_decoder()  # embed_tokens, layers, norm, rotary_emb
         self.lm_head = inner.get_output_embeddings()
         self.layers: list[nn.Module] = list(self.decoder.layers)
         self.mask_id, self.shift = model.mask_token_id, model.spec.logit_shift
-        self.window, self.gamma, self.track_num = window, gamma, track_num
+        self.window, self.gamma, self.track_num, self.drift_axis = window, gamma, track_num, drift_axis
         self.caches: list[_LayerCache] | None = None
         self.track: torch.Tensor | None = None  # [layers, N, track_num] each layer's most-attended positions
         self.previous: torch.Tensor | None = None  # [N, T] the frame the last forward saw
@@ -241,7 +257,8 @@ class ElasticCache:
         out = weights.to(vv.dtype) @ vv  # [n, H, Q, hd]
         if past is not None:
             keys = F.pad(_take(ctx.keys, rows), (0, 1))
-            sim = attention_drift(past, weights[:, :, :K], _take(ctx.query_valid, rows)[:, :K], keys)  # [n]
+            sim = attention_drift(past, weights[:, :, :K], _take(ctx.query_valid, rows)[:, :K], keys,
+                                  self.drift_axis)  # [n]
             drifted = (sim < self.gamma).nonzero().flatten()
             all_rows = torch.arange(n, device=h.device) if rows is None else rows
             reset[all_rows[drifted]] = l + 1  # layers l + 1 .. L - 1 recompute every position

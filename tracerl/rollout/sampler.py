@@ -93,7 +93,8 @@ class _Sampler:
                                                                                       cfg.cache_horizon)
         # or Elastic-Cache: one full forward, then a window of masks with attention-drift-triggered refresh
         self.elastic = None if cfg.cache != "elastic" else ElasticCache(
-            model, cfg.cache_window or blocks.block, PUBLISHED_GAMMA if cfg.cache_gamma is None else cfg.cache_gamma)
+            model, cfg.cache_window or blocks.block, PUBLISHED_GAMMA if cfg.cache_gamma is None else cfg.cache_gamma,
+            drift_axis=cfg.cache_drift or "heads")
         self.approx_block, self.approx_age = -1, 0  # the block the cache belongs to; steps since its refresh
         # The published samplers feed a time-conditioned network the grid's sigma; each fed value is logged with the
         # rows that committed on it and their step, to become Trajectory.noise_level.
