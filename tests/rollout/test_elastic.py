@@ -169,11 +169,12 @@ def test_the_drift_statistic_is_torch_cosine_similarity_across_heads():
     """attention_drift writes the cosine out for speed; it must stay torch's F.cosine_similarity(dim=1), the call
     the authors make, on softmax weights of every shape the cache produces."""
     g = torch.Generator().manual_seed(0)
-    past = torch.softmax(torch.randn(3, 4, 2, 9, generator=g), -1)
-    now = torch.softmax(torch.randn(3, 4, 2, 9, generator=g), -1)
-    ones = torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 9, dtype=torch.bool)
-    reference = torch.nn.functional.cosine_similarity(past, now, dim=1).mean((1, 2))
-    torch.testing.assert_close(attention_drift(past, now, *ones), reference)
+    for sharpness, keys in ((1.0, 9), (12.0, 300)):  # peaked: most keys get ~1e-30 from every head
+        past = torch.softmax(sharpness * torch.randn(3, 4, 2, keys, generator=g), -1)
+        now = torch.softmax(sharpness * torch.randn(3, 4, 2, keys, generator=g), -1)
+        ones = torch.ones(3, 2, dtype=torch.bool), torch.ones(3, keys, dtype=torch.bool)
+        reference = torch.nn.functional.cosine_similarity(past, now, dim=1).mean((1, 2))
+        torch.testing.assert_close(attention_drift(past, now, *ones), reference, atol=1e-6, rtol=0)
 
 
 def test_the_trainer_measures_and_corrects_the_elastic_gap(tmp_path):

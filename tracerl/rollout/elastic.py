@@ -69,10 +69,14 @@ def attention_drift(past: torch.Tensor, now: torch.Tensor, tracked: torch.Tensor
     else:
         dim = 1
         weight = (tracked[:, :, None] & keys[:, None, :]).to(past.dtype)  # [N, K, T]
-    # F.cosine_similarity(past, now, dim) written out (the same formula, eps 1e-8): torch's reduction over a
-    # middle axis is several times slower than these sums
-    dot, p2, n2 = (past * now).sum(dim), past.square().sum(dim), now.square().sum(dim)
-    sim = dot / (p2 * n2).clamp(min=1e-16).sqrt()  # [N, K, T] (heads) or [N, H, K] (keys)
+    # F.cosine_similarity(past, now, dim) written out, torch's formula to the bit: each vector divided by its own
+    # norm clamped at eps = 1e-8 (where most keys get ~1e-30 of every head's attention, clamping the product of the
+    # norms instead gives a different, lower statistic). Torch's own reduction over a middle axis is several times
+    # slower than this.
+    eps = 1e-8
+    unit_past = past / torch.linalg.vector_norm(past, dim=dim, keepdim=True).clamp(min=eps)
+    unit_now = now / torch.linalg.vector_norm(now, dim=dim, keepdim=True).clamp(min=eps)
+    sim = (unit_past * unit_now).sum(dim)  # [N, K, T] (heads) or [N, H, K] (keys)
     count = weight.sum((1, 2))
     return torch.where(count > 0, (sim * weight).sum((1, 2)) / count.clamp(min=1), torch.ones_like(count))
 
