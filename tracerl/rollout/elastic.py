@@ -18,10 +18,7 @@ what the attention itself says, how much to recompute. Reproduced from the autho
             position: layer l + 1 starts from its cached inputs with the query rows written in, and all its caches
             are rebuilt. `drift_axis="keys"` (rollout.cache_drift: keys) compares instead each head's attention
             distribution over the keys (cosine over the key axis, averaged over heads): our reading of "the attention
-            weights change", not the authors' code. Across heads, the mean over every key is dominated by the many
-            keys no head attends to, whose tiny weights change direction easily; on a trained 4-head model the
-            authors' statistic sits near 0.75 and 0.18 in layers 1 and 2 at almost every step, so it refreshes
-            half the network at gamma 0.9 (benchmarks/cache_fidelity.py measures both).
+            weights change", not the authors' code (benchmarks/cache_fidelity.py measures both).
   tracking  at every layer, the token that is not [MASK] and receives the most attention from the window's masks
             (summed over heads and rows) is that layer's tracked token for the next step.
 
