@@ -1,7 +1,7 @@
 """RL with approximate rollout caches: does TraceRL still learn when the sampler is not the model, and does TIS help?
 
     tracerl tiny outputs/repeat/init --hidden-size 64 --num-layers 4 && tracerl sft recipes/repeat_sft.yaml
-    python benchmarks/cache_rl.py --jobs 2 --seeds 0 1 2         # the README's comparison: 6 arms x 3 seeds, ~110 min
+    python benchmarks/cache_rl.py --jobs 2 --seeds 0 1 2         # 6 arms x 3 seeds, ~110 min (README: all but elastic)
     python benchmarks/cache_rl.py --quick                        # smoke run, under a minute
 
 The task is Repeat (tracerl/tasks/repeat.py: 256-character answers) from the SFT start model of
