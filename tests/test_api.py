@@ -74,6 +74,19 @@ def test_a_recipe_maps_onto_the_flat_config_and_back(monkeypatch):
         TraceRLConfig(loss_type="ppo").to_recipe()
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cache="prefx"), r"cache \(rollout.cache\): 'prefx' is not one of none, prefix, dual, elastic"),
+    (dict(cache="dual", cache_horizon=2.5), r"cache_horizon \(rollout.cache_horizon\): expected an integer"),
+    (dict(learning_rate=float("nan")), r"learning_rate \(optimizer.learning_rate\): must be a finite number"),
+    (dict(steps="8"), r"steps \(rollout.steps\): expected an integer, got '8'"),
+])
+def test_the_flat_config_is_type_checked_as_a_recipe_is(kwargs, match):
+    """Set from Python, a field meets the recipe's own checks: a typo in a choice must not run something else (an
+    unknown cache name once ran the dual cache)."""
+    with pytest.raises(UserError, match=match):
+        TraceRLConfig(**kwargs).to_recipe()
+
+
 def test_the_api_trains_on_a_dataset_with_lora_and_other_columns(tmp_path):
     from peft import LoraConfig
 

@@ -109,7 +109,9 @@ def _flat_fields() -> list[tuple[str, Any, Any]]:
 
 def _to_recipe(self: Any) -> schema.RLConfig:
     """The nested recipe config (validated, with the estimator's settings resolved) for these flat settings."""
-    from tracerl.recipe import validate
+    import typing
+
+    from tracerl.recipe import convert, validate
 
     config = schema.RLConfig()
     for flat, path in FIELDS.items():
@@ -117,7 +119,9 @@ def _to_recipe(self: Any) -> schema.RLConfig:
         target = config
         for section in sections:
             target = getattr(target, section)
-        setattr(target, name, getattr(self, flat))
+        # the recipe's type check (choices, whole numbers, finite floats), so the API refuses what a YAML would
+        hint = typing.get_type_hints(type(target))[name]
+        setattr(target, name, convert(hint, getattr(self, flat), f"{flat} ({path})"))
     if self.loss_type is not None:
         if self.loss_type not in TRL_LOSS_TYPES:
             raise UserError(f"loss_type: {self.loss_type!r} is not one of TRL's {', '.join(TRL_LOSS_TYPES)} (TraceRL "

@@ -86,6 +86,9 @@ def check_prompts(model: DiffusionLM, rows: Sequence[dict[str, Any]], max_comple
             raise UserError(f"{what} row {i}: {exc}") from None
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     for i, n in enumerate(lengths):
+        if n == 0 and model.spec.logit_shift:
+            raise UserError(f"{what} row {i}: the prompt is empty once formatted; this model ({model.family!r}) "
+                            "predicts each token from the output before it, so it needs at least one prompt token")
         if n + max_completion_length > model.max_length:
             raise UserError(f"{what} row {i}: prompt of {n} tokens + {length_key} "
                             f"{max_completion_length} exceeds the model's maximum length {model.max_length} "

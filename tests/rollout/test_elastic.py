@@ -105,6 +105,28 @@ def test_a_row_alone_is_the_row_in_a_padded_batch(extra, shift):
         torch.testing.assert_close(alone.behaviour_logprob[0], batch.behaviour_logprob[row], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+@torch.no_grad()
+def test_a_row_that_finished_its_block_keeps_its_state_while_the_others_denoise(shift):
+    """With the dynamic threshold rows finish a block after different numbers of forwards; a finished row sits the
+    batch's next forwards out. Its caches, tracked tokens and last-seen frame must not move meanwhile, or its next
+    block starts from a state it never had alone (a sharpened head makes the threshold commit several tokens at
+    once, so the rows really do finish apart)."""
+    model = tiny("qwen2" if shift else "llama", shift)
+    model.backbone.lm_head.weight.mul_(30)
+    prompts = encode(model, ["xy", "a much longer prompt here"])
+    cfg = RolloutConfig(max_completion_length=24, steps=24, block_length=8, temperature=1.0, threshold=0.5,
+                        cache="elastic")
+    batch = generate(model, prompts, cfg, row_seeds=[1, 2])
+    alone = [generate(model, prompts[r:r + 1], cfg, row_seeds=[1 + r]) for r in range(2)]
+    # the forwards each row spends on each block (its distinct commit steps there) differ: some row idled
+    spent = [[len(t.unmask_step[0, b:b + 8].unique()) for b in range(0, 24, 8)] for t in alone]
+    assert spent[0] != spent[1]
+    for r in range(2):
+        assert torch.equal(alone[r].response_ids[0], batch.response_ids[r])
+        torch.testing.assert_close(alone[r].behaviour_logprob[0], batch.behaviour_logprob[r], atol=1e-5, rtol=0)
+
+
 def test_one_step_per_block_in_the_first_block_is_exact():
     """A rollout of one block committed in one step is the step-0 full forward alone: exactly the uncached one."""
     model = tiny("llama", 0)

@@ -156,6 +156,8 @@ def test_mask_token_is_never_sampled(full_model):
     (dict(threshold=1.5), "threshold must lie in"),
     (dict(threshold=0.0), "threshold must lie in"),
     (dict(remasking="lowest"), "remasking='lowest'"),
+    (dict(cache="prefx"), "cache='prefx' is not one of none, prefix, dual, elastic"),
+    (dict(cache="dual", cache_refresh=1.5), "cache_refresh must be a whole number, got 1.5"),
     (dict(block_length=5), "not a multiple of block_length=5"),
     (dict(block_length=-8), "block_length must be >= 1"),  # 16 % -8 == 0: it would pass the multiple check
     (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
@@ -164,6 +166,27 @@ def test_bad_rollout_settings(full_model, kwargs, match):
     cfg = RolloutConfig(**{"max_completion_length": 16, "steps": 8, **kwargs})
     with pytest.raises(UserError, match=match):
         generate(full_model, encode(full_model, ["hi"]), cfg)
+
+
+def test_an_empty_prompt_is_refused_where_the_first_token_has_no_output_before_it():
+    """A shifted model (Dream) scores token i from output i - 1: an empty prompt leaves the first response token
+    nothing to be scored from (alone it would read a [MASK]'s output, in a batch a padding column's), so it is
+    refused, naming the row. Unshifted models take it, and an empty row alone is the row in a batch."""
+    from tracerl.models import build_tiny_model
+    from tracerl.models.base import DiffusionLM, FamilySpec
+
+    base = build_tiny_model("qwen2", seed=2)
+    dream = DiffusionLM(base.backbone, base.tokenizer, FamilySpec("tracerl_tiny", base.mask_token_id, logit_shift=1))
+    cfg = RolloutConfig(max_completion_length=16, steps=16, block_length=8, temperature=1.0)
+    with pytest.raises(UserError, match="prompt row 0 is empty"):
+        generate(dream, [[], [40, 41, 42]], cfg, row_seeds=[5, 6])
+    for cache in ("none", "elastic"):
+        llada = build_tiny_model("llama", seed=2)
+        cfg = RolloutConfig(max_completion_length=16, steps=16, block_length=8, temperature=1.0, cache=cache)
+        batch = generate(llada, [[40, 41, 42], []], cfg, row_seeds=[6, 5])
+        alone = generate(llada, [[]], cfg, row_seeds=[5])
+        assert torch.equal(alone.response_ids[0], batch.response_ids[1])
+        torch.testing.assert_close(alone.behaviour_logprob[0], batch.behaviour_logprob[1], atol=1e-5, rtol=0)
 
 
 def test_prompt_longer_than_model_maximum():

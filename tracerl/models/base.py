@@ -145,13 +145,15 @@ class DiffusionLM(nn.Module):
         return self._run(input_ids, attention_mask, bias, keep=keep, query_start=0)
 
     def logits_over_cache(self, window_ids: torch.Tensor, positions: torch.Tensor, key_padding: torch.Tensor,
-                          cache: DynamicCache) -> torch.Tensor:
+                          cache: DynamicCache, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Full attention over cached keys: window_ids [B, Q] at rotary positions [B, Q] attend to the cache's keys
         and their own; key_padding [B, C + Q] marks real keys in that order. Returns RAW logits [B, Q, V] (the
-        caller aligns shifted families) and leaves the window's keys appended to the cache."""
+        caller aligns shifted families), or [B, len(keep), V] of the window indices `keep` [K] only (the LM head
+        over a long window is costly with a large vocabulary), and leaves the window's keys appended to the cache."""
         visible = key_padding.bool()[:, None, :].expand(-1, window_ids.shape[1], -1)  # [B, Q, C + Q]
         out = self.backbone(input_ids=window_ids, attention_mask=visibility_to_bias(visible, self.dtype),
-                            position_ids=positions, cache=cache, use_cache=True)
+                            position_ids=positions, cache=cache, use_cache=True,
+                            logits_to_keep=0 if keep is None else keep)
         return out.logits
 
     def _run(self, input_ids, key_padding, bias, keep=None, cache=None, query_start: int | None = None,

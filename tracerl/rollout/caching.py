@@ -92,12 +92,12 @@ class ApproximateCache:
         else:  # cache order ([0, start), [stop, T)), then the window
             key_padding = torch.cat([attn[:, :start], attn[:, stop:], attn[:, start:stop]], dim=1)
         positions = positions_from_padding(attn)[:, start:stop]
-        raw = self.model.logits_over_cache(x[:, start:stop], positions, key_padding, self.cache)  # [N, W, V]
-        _keep(self.cache, self.cached)  # the window's keys were appended: drop them (recomputed at the next step)
         # aligned logit of frame column c is raw output c - shift (column 0 reuses output 0), at window index
-        # (c - shift) - start
-        index = (torch.arange(s, e, device=raw.device) - self.shift).clamp(min=0) - start
-        return raw[:, index]
+        # (c - shift) - start: only the block's go through the LM head
+        index = (torch.arange(s, e, device=x.device) - self.shift).clamp(min=0) - start
+        logits = self.model.logits_over_cache(x[:, start:stop], positions, key_padding, self.cache, keep=index)
+        _keep(self.cache, self.cached)  # the window's keys were appended: drop them (recomputed at the next step)
+        return logits  # [N, e - s, V]
 
 
 def _keep(cache: DynamicCache, length: int) -> None:

@@ -9,6 +9,7 @@ from tracerl.choices import CacheMode, DriftAxis, Remasking, options
 from tracerl.errors import UserError
 
 REMASKING = options(Remasking)
+CACHES = options(CacheMode)
 CACHEABLE_FAMILIES = ("llada", "Dream", "tracerl_tiny")  # native transformers Llama / Qwen2 backbones
 CONFIDENCE_POLICIES = REMASKING[:4]  # ("low_confidence", "top_margin", "entropy", "random")
 SEDD_SAMPLERS = ("sedd_euler", "sedd_analytic")  # read a SEDD model's score mass
@@ -90,6 +91,12 @@ class RolloutConfig:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if self.cache not in CACHES:  # a typo must not silently run some approximate cache
+            raise UserError(f"cache={self.cache!r} is not one of {', '.join(CACHES)}")
+        for name in ("cache_horizon", "cache_refresh", "cache_window"):  # counts of positions / steps
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UserError(f"{name} must be a whole number, got {value!r}")
         if self.cache != "none" and self.remasking in PUBLISHED_SAMPLERS:
             raise UserError(f"cache={self.cache} is not implemented with rollout.remasking={self.remasking} "
                             "(rollout.cache and rollout.remasking: the published samplers run uncached)")

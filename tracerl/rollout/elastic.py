@@ -119,10 +119,38 @@ class ElasticCache:
         self.layer_passes = self.full_passes = 0
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def block_logits(self, x: torch.Tensor, attn: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    def block_logits(self, x: torch.Tensor, attn: torch.Tensor, s: int, e: int,
+                     active: torch.Tensor | None = None) -> torch.Tensor:
         """Aligned logits [N, e - s, V] of frame columns [s, e) (x [N, T] the frame, attn [N, T] its padding);
         fresh at every still-masked column of the block, zero at the committed ones (which the sampler never
-        reads)."""
+        reads).
+
+        active [N] bool: the rows still denoising the block (None: all). A row that has finished its block while
+        others have not (the dynamic threshold) sits the step out: its forward runs with the batch's, but its caches,
+        tracked tokens and last-seen frame are put back afterwards, so it resumes where a row decoding alone
+        would."""
+        idle = None if active is None or self.caches is None else (~active).nonzero().flatten()
+        if idle is None or not idle.numel():
+            return self.step(x, attn, s, e)
+        saved = self.row_state(idle)
+        out = self.step(x, attn, s, e)
+        self.restore_rows(idle, saved)
+        return out
+
+    def row_state(self, rows: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor]:
+        """Copies of what a step changes for `rows`: every layer's caches, the tracked tokens, the last frame."""
+        layers = [(c.hidden[rows], c.q[rows], c.k[rows], c.v[rows]) for c in self.caches]
+        return layers, self.track[:, rows], self.previous[rows]
+
+    def restore_rows(self, rows: torch.Tensor, saved: tuple[list[tuple[torch.Tensor, ...]], torch.Tensor,
+                                                             torch.Tensor]) -> None:
+        layers, track, previous = saved
+        for cache, (hidden, q, k, v) in zip(self.caches, layers):
+            cache.hidden[rows], cache.q[rows], cache.k[rows], cache.v[rows] = hidden, q, k, v
+        self.track[:, rows], self.previous[rows] = track, previous
+
+    def step(self, x: torch.Tensor, attn: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """One forward of every row (see block_logits)."""
         N, T = x.shape
         masked = x == self.mask_id  # [N, T]
         ahead = masked.clone()
@@ -272,7 +300,10 @@ class ElasticCache:
         attention from the window's rows (weights [n, H, W, T+1], summed over heads and valid rows)."""
         mass = (weights * _take(ctx.window_valid, rows)[:, None, :, None]).sum((1, 2))  # [n, T+1]
         mass = mass.masked_fill(~_take(ctx.trackable, rows), -1.0)
-        picked = mass.topk(self.track_num, dim=-1).indices
+        top = mass.topk(self.track_num, dim=-1)
+        # nothing trackable (an empty prompt before any commit): track the sink, i.e. nothing, rather than a
+        # padding or [MASK] column
+        picked = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, mass.shape[-1] - 1))
         if rows is None:
             self.track[l] = picked
         else:

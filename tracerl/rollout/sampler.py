@@ -104,11 +104,12 @@ class _Sampler:
         self.noise_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # committed, step, sigma: [N]
 
     # ---- the forwards -------------------------------------------------------------------------------------
-    def block_logits(self, j: int, lo: torch.Tensor, hi: torch.Tensor,
-                     noise_level: torch.Tensor | None = None) -> torch.Tensor:
+    def block_logits(self, j: int, lo: torch.Tensor, hi: torch.Tensor, noise_level: torch.Tensor | None = None,
+                     active: torch.Tensor | None = None) -> torch.Tensor:
         """Aligned logits [N, B, V] of each row's block-j positions (row n: response lo_n + [0, B)).
 
-        noise_level [N]: the sigma fed to a time-conditioned network (None: the network derives it)."""
+        noise_level [N]: the sigma fed to a time-conditioned network (None: the network derives it).
+        active [N]: the rows with masks left in the block (None: all); Elastic-Cache keeps the others' state."""
         self.forwards += 1
         P, B = self.P, self.blocks.block
         end = P + int(hi.max())
@@ -124,7 +125,7 @@ class _Sampler:
             first = cached
         elif self.elastic is not None:
             first = P + int(lo.min())
-            logits = self.elastic.block_logits(self.x, self.attn, first, end)
+            logits = self.elastic.block_logits(self.x, self.attn, first, end, active)
         elif self.approx is not None:  # semi-AR blocks start at the response: one [lo, hi) for every row
             first = P + int(lo.min())
             refresh_every = self.cfg.cache_refresh
@@ -169,7 +170,7 @@ class _Sampler:
             masked, active = self.still_masked(cols, valid)
             if not active.any():
                 break
-            logits = self.block_logits(j, lo, hi)
+            logits = self.block_logits(j, lo, hi, active=active)
             k = None
             if self.cfg.threshold is None:
                 # past the schedule (only when EOS padding changed the counts): commit everything left
@@ -330,6 +331,10 @@ def generate(
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
     N, P = prompt_ids.shape
     L = config.max_completion_length
+    empty = (prompt_mask.long().sum(1) == 0).nonzero().flatten().tolist()
+    if empty and model.spec.logit_shift:
+        raise UserError(f"prompt row {empty[0]} is empty: this model ({model.family!r}) predicts each token from the "
+                        "output one position before it, so the first response token needs a prompt token before it")
     longest = int(prompt_mask.long().sum(1).max()) if N else 0
     if longest + L > model.max_length:
         raise UserError(
