@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer directory, for checkpoints published without one "
+                   "(MDLM, SEDD: GPT-2's)")
     p.add_argument("--no-kv-cache", action="store_true", help="block diffusion: recompute committed blocks")
     p.add_argument("--cache", default="none", help="full attention (LLaDA, Dream): none | prefix | dual | elastic, "
                    "with knobs as in the benchmarks: dual:h8 (cache_horizon), dual:r4 (cache_refresh), elastic:w64 "
@@ -72,7 +75,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     config.validate()  # before the model loads: a bad flag should not cost a checkpoint load
     # a model directory, a TraceRL checkpoint (checkpoint-N/) or a LoRA adapter directory, as `tracerl eval` takes
-    model_config = ModelConfig(dtype=args.dtype, device=args.device)
+    model_config = ModelConfig(dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     model_config.validate()
     model = build_model(model_config, path=args.model)
     text = format_prompt(model.tokenizer, args.prompt, use_chat_template=args.chat_template)
@@ -202,13 +205,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from tracerl.peft_utils import load_adapter, merge_lora
 
     source = resolve_checkpoint(args.checkpoint, key="checkpoint")
+    options = dict(dtype=args.dtype, device="cpu", tokenizer=args.tokenizer)
     if (source / "adapter_config.json").is_file():
-        model = merge_lora(load_adapter(source, dtype=args.dtype, device="cpu", base_path=args.base))
+        model = merge_lora(load_adapter(source, base_path=args.base, **options))
+        base = args.base or json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
     else:
-        model = load_model(str(source), dtype=args.dtype, device="cpu")
+        model = load_model(str(source), **options)
+        base = source
+    # --dtype auto loads in float32 on the CPU (the merge is then exact to float32); the checkpoint is written in
+    # the dtype its base was published in (LLaDA / Dream / SDAR: bfloat16), not silently doubled in size
+    published = None if args.dtype != "auto" else _config_dtype(Path(base))
+    if published is not None and published != model.dtype:
+        model = model.to(published)
     model.save_pretrained(args.output)
-    print(f"wrote a full {model.family} checkpoint to {args.output}")
+    print(f"wrote a full {model.family} checkpoint ({str(model.dtype).removeprefix('torch.')}) to {args.output}")
     return 0
+
+
+def _config_dtype(directory: Path) -> "torch.dtype | None":
+    """The dtype a checkpoint's config.json says its weights are in (torch_dtype, or transformers 5's dtype)."""
+    import torch
+
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("torch_dtype") or config.get("dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) else None
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -250,7 +274,9 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint, adapter or model directory")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--base", default=None, help="base model directory (default: the adapter's base_model path)")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="the written weights' dtype (default: the base checkpoint's)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer directory, for bases published without one "
+                   "(MDLM, SEDD; default: the one saved beside the adapter)")
     p.set_defaults(func=_cmd_export)
 
 

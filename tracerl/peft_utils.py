@@ -26,6 +26,7 @@ from tracerl.errors import UserError
 if TYPE_CHECKING:
     from peft import LoraConfig
 from tracerl.models.base import DiffusionLM
+from tracerl.models.loading import save_tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -109,7 +110,7 @@ def save_lora(model: DiffusionLM, path: str | Path) -> None:
     layout cannot hold an adapter, so this bypasses the family savers)."""
     model.backbone.save_pretrained(str(path))
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(path))
+        save_tokenizer(model.tokenizer, path)
 
 
 def load_lora(model: DiffusionLM, adapter_dir: str | Path, trainable: bool = False) -> DiffusionLM:
@@ -134,8 +135,15 @@ def load_adapter(adapter_dir: str | Path, base_path: str | None = None, **load_o
     if not base or not Path(base).is_dir():
         raise UserError(f"{adapter_dir}: the adapter's base model {base!r} is not a local directory; name it "
                         "explicitly (tracerl export --base DIR)")
+    if load_options.get("tokenizer") is None and _has_tokenizer(Path(adapter_dir)) and not _has_tokenizer(Path(base)):
+        # a base published without a tokenizer (MDLM, SEDD): the run saved the one it trained with beside the adapter
+        load_options = {**load_options, "tokenizer": str(adapter_dir)}
     model = load_model(str(base), **load_options)
     return load_lora(model, adapter_dir, trainable=True)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
 def load_adapter_weights(model: DiffusionLM, adapter_dir: Path) -> None:

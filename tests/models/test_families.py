@@ -209,6 +209,28 @@ def test_save_round_trip_keeps_published_layout(models, ckpt, tmp_path, family):
     assert (reloaded.mask_token_id, reloaded.block_size) == (model.mask_token_id, model.block_size)
 
 
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
+def test_save_keeps_the_published_tokenizer_files_verbatim(ckpt, tmp_path, family):
+    """transformers 5's tokenizer save_pretrained rewrites tokenizer_config.json in a form older transformers cannot
+    read and drops a slow BPE tokenizer's vocab.json / merges.txt (Dream's DreamTokenizer and SDAR's Qwen2Tokenizer
+    read exactly those): the saved directory must carry the files the tokenizer was read from, byte for byte."""
+    import shutil
+
+    source = tmp_path / "published"
+    shutil.copytree(ckpt[family], source)
+    (source / "vocab.json").write_text('{"a": 0}')  # Qwen's BPE pair, as Dream and SDAR ship it beside the rest
+    (source / "merges.txt").write_text("#version: 0.2\n")
+    model = load_model(str(source), device="cpu")
+    model.save_pretrained(tmp_path / "saved")
+    files = [f.name for f in source.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "added_tokens"))
+             or f.name in ("vocab.json", "merges.txt")]
+    assert {"tokenizer_config.json", "vocab.json", "merges.txt"} <= set(files)
+    for name in files:
+        assert (tmp_path / "saved" / name).read_bytes() == (source / name).read_bytes(), name
+    reloaded = load_model(str(tmp_path / "saved"), device="cpu")
+    assert reloaded.tokenizer("round trip")["input_ids"] == model.tokenizer("round trip")["input_ids"]
+
+
 def test_save_copies_published_remote_code(models, tmp_path):
     models["llada"].save_pretrained(tmp_path)
     assert (tmp_path / "configuration_llada.py").is_file()  # older-transformers tooling keeps working
@@ -430,3 +452,29 @@ def test_loads_onto_cuda_in_bf16(models, ckpt, family):
     with torch.no_grad():
         ref, got = models[family].logits(ids), gpu.logits(ids.cuda()).float().cpu()
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_config_that_contradicts_the_weights_shapes_is_a_user_error(tmp_path):
+    write_llada(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_kv_heads"] = 1  # the weights have KV_HEADS key heads
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="does not match its config.json: size mismatch"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_export_writes_the_dtype_the_base_was_published_in(tmp_path):
+    """`tracerl export` loads in float32 on the CPU; the written checkpoint is in the base's published dtype."""
+    from safetensors import safe_open
+
+    from tracerl.cli import main
+
+    write_llada(tmp_path / "bf16", dtype=torch.bfloat16)
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    assert main(["export", str(tmp_path / "bf16"), "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert main(["export", str(tmp_path / "bf16"), "--output", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["torch_dtype"] == "float32"

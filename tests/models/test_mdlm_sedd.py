@@ -501,3 +501,26 @@ def test_loads_onto_cuda_in_bf16(models, ckpt, name):
     with torch.no_grad():
         ref, got = models[name].logits(ids), gpu.logits(ids.cuda()).float().cpu()
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_published_checkpoint_without_a_tokenizer_exports_and_generates_from_the_cli(tmp_path, capsys):
+    """MDLM / SEDD ship no tokenizer: `tracerl generate --tokenizer DIR` names one, and `tracerl export` of a LoRA
+    run finds the one the run saved beside its adapter."""
+    from tracerl.cli import main
+    from tracerl.config import PeftSection
+    from tracerl.peft_utils import apply_lora, save_lora
+
+    write_mdlm(tmp_path / "base", tokenizer=False)
+    gpt2_like_tokenizer().save_pretrained(tmp_path / "tok")
+    assert main(["generate", "--model", str(tmp_path / "base"), "--prompt", "ab", "--max-completion-length", "4",
+                 "--device", "cpu"]) == 2
+    assert "ships no tokenizer" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "base"), "--tokenizer", str(tmp_path / "tok"), "--prompt", "ab",
+                 "--max-completion-length", "4", "--device", "cpu"]) == 0
+    model = apply_lora(load_model(str(tmp_path / "base"), device="cpu", tokenizer=str(tmp_path / "tok")),
+                       PeftSection(r=2))
+    save_lora(model, tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"),
+                 "--output", str(tmp_path / "merged")]) == 0
+    merged = load_model(str(tmp_path / "merged"), device="cpu")
+    assert merged.tokenizer.decode(ids_for(merged, "ok")[0]) == "ok"

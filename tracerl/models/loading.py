@@ -8,13 +8,14 @@ its family loader (registered in FAMILY_LOADERS by llada.py, dream.py, sdar.py, 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tracerl.errors import UserError
@@ -172,7 +173,31 @@ def save_model(model: DiffusionLM, path: Path, **kwargs: Any) -> None:
     model.backbone.config.tracerl_diffusion = asdict(model.spec)
     model.backbone.save_pretrained(path, **kwargs)
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(path)
+        save_tokenizer(model.tokenizer, path)
+
+
+# the files a Hugging Face tokenizer is read from (fast, slow BPE, sentencepiece, WordPiece; chat templates)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """The tokenizer beside a saved model. One read from a directory is saved as the files it was read from,
+    verbatim: transformers 5's save_pretrained rewrites them in a form that older transformers and the published
+    tokenizer code cannot read (Dream's DreamTokenizer and SDAR's Qwen2Tokenizer lose vocab.json / merges.txt, and
+    the class becomes TokenizersBackend). A tokenizer built in memory is saved with save_pretrained."""
+    path = Path(path)
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()] if source.is_dir() else []
+    if not files:
+        tokenizer.save_pretrained(path)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    if source.resolve() == path.resolve():
+        return
+    for file in files:
+        shutil.copy2(file, path / file.name)
 
 
 def _import_families() -> None:

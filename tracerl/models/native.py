@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tracerl.errors import UserError
-from tracerl.models.loading import resolve_dtype
+from tracerl.models.loading import resolve_dtype, save_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -109,7 +109,12 @@ def build_backbone(model_cls: type[PreTrainedModel], config: Any, state: dict[st
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = model_cls(config)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor whose shape config.json contradicts (heads, vocabulary, widths)
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise UserError(f"{source}: checkpoint does not match its config.json: "
+                        f"{lines[0] if lines else str(exc).splitlines()[0]}") from None
     missing = set(result.missing_keys)
     if getattr(config, "tie_word_embeddings", False):
         missing.discard("lm_head.weight")
@@ -192,7 +197,7 @@ def write_published(model: Any, path: Path, config: dict, rules: RenameRules, **
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(path)
+        save_tokenizer(model.tokenizer, path)
     _copy_sidecars(getattr(model.backbone.config, "tracerl_source", None), path)
 
 

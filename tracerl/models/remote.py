@@ -34,7 +34,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from tracerl.errors import UserError
 from tracerl.models.base import DiffusionLM, FamilySpec
-from tracerl.models.loading import FAMILY_SAVERS, register_family
+from tracerl.models.loading import FAMILY_SAVERS, register_family, save_tokenizer
 from tracerl.models.native import device_and_dtype, load_tokenizer, resolve_mask_id
 
 FAMILY = "remote"  # DiffusionLM.family of every remote-code model
@@ -151,7 +151,7 @@ def save_remote(model: DiffusionLM, path: Path, **kwargs: Any) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.backbone.model.save_pretrained(path, **kwargs)
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(path)
+        save_tokenizer(model.tokenizer, path)
     config = json.loads((path / "config.json").read_text())
     config["mask_token_id"] = model.mask_token_id
     if model.block_size is not None:
