@@ -151,6 +151,11 @@ class CodeReward:
                 self._sandbox = Sandbox(self.config, self.num_workers)
             return self._sandbox
 
+    @property
+    def required_columns(self) -> list[list[str]]:
+        """The dataset columns it reads (each a list of alternatives), checked before a run starts."""
+        return [[self.tests_column]]
+
     def programs(self, completions: list, kwargs: dict) -> tuple[list[float | None], dict[int, Program]]:
         """Initial rewards (None: no tests, 0.0: no usable program) and the programs to run, by index."""
         tests = column(kwargs, [self.tests_column], "code", len(completions))

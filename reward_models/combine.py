@@ -9,13 +9,28 @@ exceeds `timeout_s` produces a RewardError naming the reward (and the sample, wh
   on_error="zero"   score the affected samples 0, count them in `reward_errors/<name>`, log a warning
 When a function raises on the batch, it is re-run one sample at a time to find the failing samples (their
 neighbours keep the values of those single-sample calls; list columns are sliced, other keyword arguments
-such as `trajectory` are passed whole). Sync rewards run on a thread pool, async ones on one persistent
-event loop, all at once. A timed-out sync reward cannot be killed: its thread is abandoned.
+such as `trajectory` are passed whole). Sync rewards run each on its own daemon thread, async ones on one
+persistent event loop, all at once. A timed-out sync reward cannot be killed: its thread is abandoned, and being a
+daemon thread it never keeps the process alive at exit; while `MAX_ABANDONED` of a reward's abandoned calls are
+still running, the reward is not called again (that call counts as timed out), so a reward that hangs on every
+call holds a bounded number of threads.
+
+Every call gets private copies of its arguments: prompts, completions and the column values deep-copied, the
+trajectory's tensors cloned (callables such as log_metric are passed as they are; a value that cannot be copied is
+passed as it is). A reward that edits its arguments in place (`trajectory.response_ids.fill_(5)`,
+`meta["n"] += 1` on a dict column) changes nothing the trainer, the dataset or the other rewards see.
+
+TRL's `log_metric` / `log_extra` (reward_models.protocol.RewardLog): the caller's are passed through when it gives
+them (the trainer does, and folds what they collect into the step's metrics); otherwise the RewardSet gives each
+call its own, and RewardResult.metrics gets each logged metric's mean under its name, RewardResult.extra the
+logged columns.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -28,12 +43,13 @@ from typing import Any, Iterable
 import torch
 
 from .loader import check_weight, load_reward, parse_spec
-from .protocol import RewardError, split_reward
+from .protocol import RewardError, RewardLog, split_reward
 
 Process = dict[int, tuple[list | None, list | None]]  # sample index -> (step rewards, token rewards)
 # what a reward's call may raise that is the reward's failure: sys.exit() / exit() in a reward is one too (on a
 # pool thread it would otherwise reach the trainer as SystemExit and end the run without a word)
 _FAILURES = (Exception, SystemExit)
+MAX_ABANDONED = 4  # per reward: timed-out calls still running before the reward is skipped (see the docstring)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +65,7 @@ class RewardResult:
     # process rewards (ProcessReward returns), weighted and summed over functions; NaN where none was given
     step_rewards: torch.Tensor | None = None  # [N, S] float32, reward of each sample's own denoising step
     token_rewards: torch.Tensor | None = None  # [N, L] float32, reward of each response position
+    extra: dict[str, list] = field(default_factory=dict)  # log_extra columns (when the RewardSet made the log)
 
 
 @dataclass
@@ -68,6 +85,29 @@ def _accepted(fn: Any) -> set[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params}
+
+
+def _private(value: Any, memo: dict) -> Any:
+    """A copy of one argument that the reward may edit freely (see the module docstring)."""
+    if callable(value):  # log_metric / log_extra, models: deep-copying a bound method would copy its owner
+        return value
+    try:
+        return copy.deepcopy(value, memo)
+    except Exception:  # noqa: BLE001 - e.g. a tensor that refuses deepcopy: clone a dataclass's tensors by hand
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out = copy.copy(value)
+            for f in dataclasses.fields(value):
+                v = getattr(value, f.name)
+                if isinstance(v, torch.Tensor):
+                    object.__setattr__(out, f.name, v.detach().clone())
+            return out
+        return value
+
+
+def private_copies(kwargs: dict) -> dict:
+    """Private copies of a call's keyword arguments (see the module docstring)."""
+    memo: dict = {}  # one memo per call: values shared between arguments stay shared in the copies
+    return {key: _private(value, memo) for key, value in kwargs.items()}
 
 
 def _slice(columns: dict, i: int, n: int) -> dict:
@@ -134,18 +174,20 @@ class RewardSet:
             raise ValueError("RewardSet needs at least one reward")
         self._accepts = [_accepted(fn) for fn in self.fns]
         self._async = [_is_async(fn) for fn in self.fns]
-        self._pool = cf.ThreadPoolExecutor(len(self.fns) + 1, thread_name_prefix="reward")
+        self._abandoned: list[list[threading.Thread]] = [[] for _ in self.fns]  # timed-out sync calls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
 
     # --- calling one function -----------------------------------------------------------------------
     def _kwargs(self, k: int, prompts: list, completions: list, columns: dict) -> dict:
-        # each call gets its own lists: a reward that edits its arguments in place (completions[i] = c.strip())
-        # must not change what the other rewards, running at the same time, and the trainer's records see
-        kwargs = {"prompts": list(prompts), "completions": list(completions),
-                  **{key: list(v) if isinstance(v, list) else v for key, v in columns.items()}}
+        # each call gets its own copies: a reward that edits its arguments in place (completions[i] = c.strip(),
+        # trajectory.response_ids.fill_(5), meta["n"] += 1) must not change what the other rewards, running at the
+        # same time, the trainer and the dataset see
+        kwargs = {"prompts": prompts, "completions": completions, **columns}
         accepts = self._accepts[k]
-        return kwargs if accepts is None else {key: v for key, v in kwargs.items() if key in accepts}
+        if accepts is not None:
+            kwargs = {key: v for key, v in kwargs.items() if key in accepts}
+        return private_copies(kwargs)
 
     def _single(self, k: int, i: int, prompts: list, completions: list, columns: dict) -> dict:
         return self._kwargs(k, prompts[i:i + 1], completions[i:i + 1], _slice(columns, i, len(completions)))
@@ -205,19 +247,42 @@ class RewardSet:
         if not loop.is_running():
             loop.close()
 
-    def _submit(self, k: int, args: tuple) -> cf.Future:
+    def _submit(self, k: int, args: tuple, n: int) -> cf.Future:
         if self._async[k]:
             return asyncio.run_coroutine_threadsafe(self._task_async(k, *args), self._event_loop())
-        return self._pool.submit(self._task_sync, k, *args)
+        future: cf.Future = cf.Future()
+        self._abandoned[k] = [t for t in self._abandoned[k] if t.is_alive()]
+        if len(self._abandoned[k]) >= MAX_ABANDONED:  # bounded: do not start yet another thread that may hang
+            future.set_result(RewardError(
+                self.names[k], f"not called: {len(self._abandoned[k])} earlier calls that timed out (RewardSet "
+                "timeout_s) are still running", batch_size=n))
+            return future
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = self._task_sync(k, *args)
+            except BaseException as e:  # noqa: BLE001 - whatever escapes _task_sync reaches the waiting caller
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+
+        # a daemon thread, not a ThreadPoolExecutor's: those are joined at interpreter exit, so a reward that never
+        # returns would keep the process alive after the run ended
+        thread = threading.Thread(target=run, name=f"reward-{self.names[k]}", daemon=True)
+        future.thread = thread  # type: ignore[attr-defined]
+        thread.start()
+        return future
 
     def _wait(self, k: int, future: cf.Future, deadline: float | None, n: int) -> _Outcome | RewardError:
         try:
             return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except cf.TimeoutError:
-            future.cancel()  # cancels an async reward; a sync one keeps its thread, so use a fresh pool
-            if not self._async[k]:
-                self._pool.shutdown(wait=False)
-                self._pool = cf.ThreadPoolExecutor(len(self.fns) + 1, thread_name_prefix="reward")
+            future.cancel()  # cancels an async reward; a sync one cannot be stopped: its daemon thread is abandoned
+            thread = getattr(future, "thread", None)
+            if thread is not None:
+                self._abandoned[k].append(thread)
             return RewardError(self.names[k], f"timed out after {self.timeout_s}s (RewardSet timeout_s)",
                                batch_size=n)
 
@@ -290,18 +355,27 @@ class RewardSet:
 
     # --- the batch --------------------------------------------------------------------------------------
     def __call__(self, prompts: list | None, completions: list, **columns: Any) -> RewardResult:
-        """Score a batch; `columns` are the dataset columns plus trajectory / trainer_state."""
+        """Score a batch; `columns` are the dataset columns plus trajectory / trainer_state / completion_ids /
+        log_metric / log_extra (the RewardSet makes its own log_metric / log_extra when they are not given)."""
         completions = list(completions)
         n = len(completions)
         prompts = [None] * n if prompts is None else list(prompts)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts for {n} completions")
+        own_log = None
+        if "log_metric" not in columns or "log_extra" not in columns:
+            own_log = RewardLog()
+            columns = {"log_metric": own_log.log_metric, "log_extra": own_log.log_extra, **columns}
+        # the calls' pristine source, private to this batch: every call (and a timed-out call still running after
+        # this returns) copies from it, never from the caller's objects
+        snapshot = private_copies({"prompts": prompts, "completions": completions, **columns})
+        prompts, completions = snapshot.pop("prompts"), snapshot.pop("completions")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        futures = [self._submit(k, (prompts, completions, columns)) for k in range(len(self.fns))]
+        futures = [self._submit(k, (prompts, completions, snapshot), n) for k in range(len(self.fns))]
         table, found, processes = [], [], []
         for k, future in enumerate(futures):
             values, errors, process = self._values(k, self._wait(k, future, deadline, n), n)
-            self._check_process(k, process, columns.get("trajectory"), errors)
+            self._check_process(k, process, snapshot.get("trajectory"), errors)
             table.append(values)
             found.append(errors)
             processes.append(process)
@@ -317,7 +391,11 @@ class RewardSet:
             if errors:
                 logger.warning("reward '%s': %d sample(s) scored 0 after errors; first: %s", self.names[k],
                                len(errors), next(iter(errors.values())))
-        return self._result(table, found, n, processes)
+        result = self._result(table, found, n, processes)
+        if own_log is not None:
+            result.metrics.update(own_log.metrics())
+            result.extra = own_log.extras()
+        return result
 
     def _process_table(self, processes: list[Process], n: int, part: int) -> torch.Tensor | None:
         """[N, width] weighted sum over functions of one process part (0: steps, 1: tokens); NaN = none given."""
@@ -357,8 +435,8 @@ class RewardSet:
                             token_rewards=self._process_table(processes, n, 1))
 
     def close(self) -> None:
-        """Stop the pools and any sandbox / verifier processes the rewards started."""
-        self._pool.shutdown(wait=False)
+        """Stop the event loop and any sandbox / verifier processes the rewards started (abandoned sync calls run
+        on daemon threads, which never hold up the interpreter's exit)."""
         self._stop_event_loop()
         for fn in self.fns:
             if hasattr(fn, "close"):

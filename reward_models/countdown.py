@@ -163,6 +163,11 @@ class CountdownReward:
         self.nums_columns = [nums_column] if nums_column else ["nums", "numbers", "input"]
         self.target_columns = [target_column] if target_column else ["target", "output"]
 
+    @property
+    def required_columns(self) -> list[list[str]]:
+        """The dataset columns it reads (each a list of alternatives), checked before a run starts."""
+        return [self.nums_columns, self.target_columns]
+
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         n = len(completions)
         nums = column(kwargs, self.nums_columns, "countdown", n)

@@ -225,6 +225,11 @@ class MathReward:
         use_pool = isolation == "process" and self.use_math_verify
         self._pool = VerifierPool(num_workers, timeout_s) if use_pool else None
 
+    @property
+    def required_columns(self) -> list[list[str]]:
+        """The dataset columns it reads (each a list of alternatives), checked before a run starts."""
+        return [[self.answer_column]]
+
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         answers = column(kwargs, [self.answer_column], "math", len(completions))
         rewards: list[float | None] = [None] * len(completions)

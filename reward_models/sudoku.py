@@ -58,6 +58,11 @@ class SudokuReward:
         self.puzzle_columns = [puzzle_column] if puzzle_column else ["puzzle", "Puzzle"]
         self.solution_columns = [solution_column] if solution_column else ["solution", "Solution"]
 
+    @property
+    def required_columns(self) -> list[list[str]]:
+        """The dataset columns it reads (each a list of alternatives), checked before a run starts."""
+        return [self.puzzle_columns, self.solution_columns]
+
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         n = len(completions)
         puzzles = column(kwargs, self.puzzle_columns, "sudoku", n)

@@ -164,3 +164,22 @@ def test_the_example_script_trains_sudoku_from_python(tmp_path):
     assert "accuracy" in out.stdout and (tmp_path / "rl" / "checkpoint-2").is_dir()
     metrics = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
     assert any('"eval/accuracy"' in line for line in metrics)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(reward_weights=2.0), "reward_weights: expected a list of numbers"),
+    (dict(train_dataset={"prompt": ["a"]}), "train_dataset: expected a datasets.Dataset or a list of row dicts"),
+    (dict(train_dataset=["a", "b"]), "train_dataset: row 0 is str 'a', not a dict of columns"),
+    (dict(args={"max_steps": 1}), "args: expected a TraceRLConfig, got dict"),
+    (dict(reward_funcs=[]), "reward_funcs: no reward function given"),
+    (dict(reward_funcs=lambda prompts, completions, solution, **kw: [0.0] * len(completions)),
+     r"rewards: '<lambda>' reads column 'solution', which train_dataset lacks"),
+])
+def test_wrong_arguments_are_named_before_the_model_loads(kwargs, match):
+    """The model path does not exist: every one of these must be refused before it is looked at."""
+    reward_weights = kwargs.pop("reward_weights", None)
+    args = kwargs.pop("args", TraceRLConfig(reward_weights=reward_weights))
+    options = dict(model="/no/such/model", reward_funcs=lambda prompts, completions, **kw: [0.0] * len(completions),
+                   train_dataset=[{"prompt": "1+1="}], args=args)
+    with pytest.raises(UserError, match=match):
+        TraceRLTrainer(**{**options, **kwargs})

@@ -159,3 +159,17 @@ def test_eval_records_write_a_reward_that_does_not_apply_as_null_not_bare_nan(tm
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"reward": None, "rewards": {"math": None, "format": 1.0}, "steps": [0.5, None]}
+
+
+def test_an_output_place_that_cannot_be_written_is_refused_before_the_run(tmp_path):
+    """/proc takes no new directories, even for root: the stand-in for a read-only disk, refused up front rather
+    than after an evaluation (whose results would be lost) or a model load."""
+    from tracerl.cli import _check_writable
+    from tracerl.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.output_dir: cannot write '/proc/tracerl-test/run'"):
+        _check_writable(Path("/proc/tracerl-test/run"), "trainer.output_dir", directory=True)
+    with pytest.raises(UserError, match="eval.output_file: cannot write '/proc/tracerl-test/eval.jsonl'"):
+        _check_writable(Path("/proc/tracerl-test/eval.jsonl"), "eval.output_file")
+    _check_writable(tmp_path / "new" / "run", "trainer.output_dir", directory=True)
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())  # probe removed

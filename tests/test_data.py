@@ -44,6 +44,17 @@ def test_saved_dataset_directory_and_split(tmp_path):
         load_rows(DataConfig(dataset_name=str(tmp_path / "ds"), split="validation"))
 
 
+def test_a_saved_single_dataset_is_not_taken_for_another_split(tmp_path):
+    """A directory holding one Dataset saved as 'train' is not the eval split: evaluating it would silently score
+    the training rows."""
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}], split="train").save_to_disk(str(tmp_path / "ds"))
+    assert load_rows(DataConfig(dataset_name=str(tmp_path / "ds")))[0]["prompt"] == "a"
+    with pytest.raises(UserError, match="saved as split 'train', and split 'test' was asked for"):
+        load_rows(DataConfig(dataset_name=str(tmp_path / "ds"), eval_split="test"), "eval")
+
+
 def test_chat_message_prompts_pass_through(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": "x"}) + "\n")
@@ -79,6 +90,10 @@ def test_prompt_sampler_is_seeded_and_resumable():
     ([{"prompt": "1+1=", "answer": "2"}, {"answer": "3"}], r"row 1 of data.train_files .*is null"),
     ([{"prompt": 5}, {"prompt": 7}], r"row 0 of data.train_files .*is int 5, not a string or a list of chat"),
     ([{"prompt": []}], r"row 0 of data.train_files .*is an empty list of chat messages"),
+    ([{"prompt": [{"role": "user", "content": 5}]}], r"row 0 of data.train_files .*role or content is not text"),
+    ([{"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}], "role or content is not text"),
+    # a column named like a reward argument would reach every reward twice
+    ([{"prompt": "1+2=", "completions": "3"}], r"column 'completions' has the name of an argument every reward"),
 ])
 def test_a_prompt_that_is_not_a_prompt_names_its_row(tmp_path, lines, message):
     path = tmp_path / "d.jsonl"

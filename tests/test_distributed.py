@@ -291,3 +291,16 @@ def test_lora_checkpoint_into_a_model_without_lora_is_a_user_error(tmp_path):
     cfg.trainer.max_steps = 2
     with pytest.raises(UserError, match="holds a LoRA adapter but the model has none"):
         RLTrainer(cfg, build_tiny_model("llama"), distinct_chars, ROWS).train()
+
+
+def test_step_metrics_a_rank_lacks_are_averaged_over_the_ranks_that_have_them():
+    """A reward's log_metric (or a reward that failed on one rank) gives a key on some ranks only: the job's metric
+    is the mean over the ranks that logged it, on every rank alike, never a KeyError."""
+    from types import SimpleNamespace
+
+    from tracerl.data_parallel import across_ranks
+
+    ranks = [{"reward": 1.0, "custom/a": 2.0}, {"reward": 3.0, "custom/b": 5.0}]
+    for mine in ranks:
+        backend = SimpleNamespace(world_size=2, all_gather_object=lambda _: ranks)
+        assert across_ranks(backend, mine) == {"reward": 2.0, "custom/a": 2.0, "custom/b": 5.0}

@@ -78,6 +78,10 @@ def test_a_single_file_needs_no_brackets(tmp_path):
     ("rollout.block_length=-4", "rollout.block_length must be >= 1 (or null for the model's own), got -4"),
     ("eval.temperature=-1", "eval.temperature: must be >= 0, got -1.0"),
     ("reward_timeout_s=0", "reward_timeout_s: must be > 0, got 0.0"),
+    # passed validation, then failed after the model had loaded
+    ("optimizer.lr_scheduler_type=reduce_lr_on_plateau", "steps on a validation metric"),
+    ("trainer.seed=1764756000000000000", "trainer.seed: must lie in [0, 4294967295]"),
+    ("logging.report_to=[wandbb]", "logging.report_to: 'wandbb' is not a tracker"),
 ])
 def test_mistakes_name_the_key(tmp_path, override, message):
     path = write(tmp_path, {"rollout": {"steps": 8, "max_completion_length": 16, "block_length": 4}})
@@ -131,13 +135,30 @@ def test_every_field_is_documented():
 
 
 def test_validate_cli_exit_codes(tmp_path):
-    good = write(tmp_path, {"rewards": [{"fn": "math"}], "rollout": {"steps": 8, "max_completion_length": 8}})
-    ok = subprocess.run([sys.executable, "-m", "tracerl", "validate", good, "trainer.max_steps=4"],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0 and "max_steps: 4" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "tracerl", "validate", good, "trainer.max_step=4"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "did you mean trainer.max_steps?" in bad.stderr and "Traceback" not in bad.stderr
+    """`validate` says whether the run can start: the recipe's keys and values, and what the run reads before its
+    first step (the model directory, the data, the reward functions), without loading the model."""
+    from tracerl.models import build_tiny_model
+
+    build_tiny_model("llama").save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    good = write(tmp_path, {"rewards": [{"fn": "math"}], "rollout": {"steps": 8, "max_completion_length": 8},
+                            "model": {"path": str(tmp_path / "model")},
+                            "data": {"train_files": [str(tmp_path / "train.jsonl")]}})
+
+    def validate(*overrides):
+        return subprocess.run([sys.executable, "-m", "tracerl", "validate", good, *overrides], capture_output=True,
+                              text=True)
+
+    ok = validate("trainer.max_steps=4")
+    assert ok.returncode == 0 and "max_steps: 4" in ok.stdout and "1 training rows, rewards math" in ok.stderr
+    for override, message in [("trainer.max_step=4", "did you mean trainer.max_steps?"),
+                              (f"model.path={tmp_path / 'none'}", "model.path: "),
+                              ("rewards=[{fn: mathh}]", "rewards: "),
+                              ("rewards=[{fn: sudoku}]", "rewards: 'sudoku' reads column 'puzzle' or 'Puzzle', which "
+                               "the training data lacks"),
+                              (f"data.train_files=[{tmp_path / 'none.jsonl'}]", "none.jsonl' does not exist")]:
+        bad = validate(override)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (override, bad.stderr)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -157,3 +157,30 @@ def test_published_estimators_train(tmp_path, estimator, rows, block):
     history = RLTrainer(cfg, tiny(block), distinct_chars, ROWS).train()
     assert len(history) == 2 and history[-1]["grad_norm"] > 0
     assert history[-1]["trajectory/replay_forwards_per_response"] == rows
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
+    """Reusing an output_dir must not mix two runs' checkpoints: left in place, the earlier run's would be
+    overwritten step by step, outlive this run beside its own, be what `latest` resumes, and make
+    save_total_limit delete this run's newest checkpoint instead of theirs."""
+    run = tmp_path / "run"
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 3, "save_steps": 1}), tiny(False), distinct_chars,
+              ROWS).train()
+    earlier = (run / "checkpoint-1" / "model" / "model.safetensors").read_bytes()
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1, "save_total_limit": 1}), tiny(False, seed=1),
+              distinct_chars, ROWS).train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]  # this run's, kept by the limit
+    aside = run / "checkpoints.prev-1"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert (aside / "checkpoint-1" / "model" / "model.safetensors").read_bytes() == earlier
+    assert (run / "checkpoint-1" / "model" / "model.safetensors").read_bytes() != earlier
+
+
+def test_resuming_another_models_checkpoint_names_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
+    other = build_tiny_model("llama", hidden_size=32)
+    config = make_config(tmp_path, False, trainer={"max_steps": 2, "resume_from_checkpoint": "latest"})
+    with pytest.raises(UserError, match=r"trainer.resume_from_checkpoint: .*checkpoint-1 does not fit this run's "
+                                        "model"):
+        RLTrainer(config, other, distinct_chars, ROWS).train()

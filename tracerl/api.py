@@ -173,12 +173,20 @@ class TraceRLTrainer:
         from tracerl.trainer import RLTrainer
 
         self.args = args if args is not None else TraceRLConfig()
+        if not isinstance(self.args, TraceRLConfig):
+            raise UserError(f"args: expected a TraceRLConfig, got {type(self.args).__name__} (build one with "
+                            "TraceRLConfig(**settings))")
         config = self.args.to_recipe()
         if train_dataset is None:
             raise UserError("TraceRLTrainer: train_dataset is required (rows with a 'prompt' column)")
         rows = _rows(train_dataset, "train_dataset")
         eval_rows = _rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         rewards = _reward_set(reward_funcs, self.args, config)
+        from tracerl.build import check_reward_columns
+
+        check_reward_columns(rewards, rows, "train_dataset")  # before the model loads
+        if eval_rows is not None:
+            check_reward_columns(rewards, eval_rows, "eval_dataset")
         local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
         backend = make_backend(config, local_rank)  # before the model loads: "cuda" then means this rank's GPU
         self.model = _model(model, self.args.model_init_kwargs, peft_config)
@@ -209,9 +217,18 @@ class TraceRLTrainer:
 
 
 def _rows(dataset: Any, name: str) -> list[dict[str, Any]]:
-    rows = [dict(r) for r in dataset]
+    from tracerl.data import check_column_names
+
+    if isinstance(dataset, (str, bytes, dict)) or not hasattr(dataset, "__iter__"):
+        raise UserError(f"{name}: expected a datasets.Dataset or a list of row dicts, got {type(dataset).__name__}")
+    rows = list(dataset)
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise UserError(f"{name}: row {bad} is {type(rows[bad]).__name__} {rows[bad]!r:.80}, not a dict of columns")
+    rows = [dict(r) for r in rows]
     if not rows:
         raise UserError(f"{name}: no rows")
+    check_column_names(rows, name)
     missing = [i for i, r in enumerate(rows) if "prompt" not in r]
     if missing:
         raise UserError(f"{name}: row {missing[0]} has no 'prompt' column (columns: {sorted(rows[missing[0]])}); "
@@ -231,7 +248,11 @@ def _reward_set(reward_funcs: Any, args: Any, config: schema.RLConfig) -> Any:
     if hasattr(reward_funcs, "total") or type(reward_funcs).__name__ == "RewardSet":
         return reward_funcs  # already combined (the CLI builds one from the recipe)
     funcs: Sequence[Any] = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise UserError("reward_funcs: no reward function given")
     weights = args.reward_weights or [1.0] * len(funcs)
+    if not isinstance(weights, (list, tuple)):
+        raise UserError(f"reward_weights: expected a list of numbers, one per reward function, got {weights!r}")
     if len(weights) != len(funcs):
         raise UserError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions")
     try:

@@ -60,6 +60,31 @@ def build_rewards(config: RLConfig) -> Any:
         raise UserError(f"rewards: {exc}") from None
 
 
+def check_reward_columns(rewards: Any, rows: list[dict[str, Any]], source: str) -> None:
+    """Every reward finds the dataset columns it reads, checked before the model loads rather than at the first
+    step (where with reward_on_error: zero a missing column would score 0 all run): the built-ins declare theirs
+    (`required_columns`, alternatives per entry), a user function's are its parameters without a default."""
+    import inspect
+
+    from tracerl.data import REWARD_ARGUMENTS
+
+    present = {name for r in rows for name in r} | REWARD_ARGUMENTS
+    for name, fn in zip(rewards.names, rewards.fns):
+        needs = getattr(fn, "required_columns", None)
+        if needs is None:
+            try:
+                params = inspect.signature(fn).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            needs = [[p.name] for p in params  # rewards are called by keyword, as TRL calls them
+                     if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for alternatives in needs:
+            if not present & set(alternatives):
+                wanted = " or ".join(repr(c) for c in alternatives)
+                raise UserError(f"rewards: {name!r} reads column {wanted}, which {source} lacks (columns: "
+                                f"{sorted({c for r in rows for c in r})})")
+
+
 def make_backend(config: Any, local_rank: int | None) -> Any:
     from tracerl import distributed
 

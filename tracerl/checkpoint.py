@@ -133,7 +133,12 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
             engine.load(path / "deepspeed", name)
         set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", map_location="cpu", weights_only=False))
     else:
-        _load_weights(trainer.model, path / "model")
+        try:
+            _load_weights(trainer.model, path / "model")
+        except RuntimeError as exc:  # another model's checkpoint: shapes or names differ
+            raise UserError(f"trainer.resume_from_checkpoint: {path} does not fit this run's model "
+                            f"({str(exc).strip().splitlines()[-1].strip()}); resume with the model.path and peft "
+                            "settings of the run that wrote it") from None
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     state.setdefault("step", meta["step"])  # checkpoints before the state held them
     state.setdefault("sampler", meta["sampler"])
@@ -143,6 +148,27 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         trainer.load_state_dict(state)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
+
+
+def set_aside_previous_run(trainer: Any) -> None:
+    """A fresh run (nothing resumed) in an output_dir that holds another run's checkpoints moves them to
+    checkpoints.prev-N/ first, as metrics.jsonl moves to metrics.prev-N.jsonl: left in place they would be
+    overwritten step by step, outlive this run beside its own, be what `latest` resumes, and make save_total_limit
+    prune this run's checkpoints instead of theirs. Nothing is deleted. Collective under DeepSpeed."""
+    backend = trainer.backend
+    if trainer.step == 0 and backend.is_main:
+        root = Path(trainer.config.trainer.output_dir)
+        found = checkpoint_dirs(root)
+        if found:
+            n = 1
+            while (aside := root / f"checkpoints.prev-{n}").exists():
+                n += 1
+            aside.mkdir()
+            for directory in found:
+                directory.rename(aside / directory.name)
+            print(f"[checkpoints] a new run: {len(found)} checkpoints of an earlier run in {root} moved to "
+                  f"{aside.name}/ (resume a run with trainer.resume_from_checkpoint: latest)", flush=True)
+    backend.barrier()
 
 
 def _load_weights(model: Any, directory: Path) -> None:

@@ -153,7 +153,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tracerl.build import build_model, build_rewards, write_jsonl
+    from tracerl.build import build_model, build_rewards, check_reward_columns, write_jsonl
     from tracerl.data import load_rows
     from tracerl.evaluate import evaluate
     from tracerl.recipe import load_config
@@ -164,6 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(config.eval.output_file or Path(config.trainer.output_dir) / "eval.jsonl")
     _check_writable(out, "eval.output_file" if config.eval.output_file else "trainer.output_dir")
     rewards = build_rewards(config)
+    check_reward_columns(rewards, rows, "the eval data")
     model = build_model(config.model, None, path=args.checkpoint or config.model.path)
     check_prompts(model, rows, config.rollout.max_completion_length, config.model.use_chat_template,
                   config.model.system_prompt, "eval")  # before the first batch, not in the middle
@@ -182,6 +183,15 @@ def _check_writable(out: Path, key: str, directory: bool = False) -> None:
     existing = next((p for p in [*([out] if directory else []), *out.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"{key}: cannot write {str(out)!r}: {str(existing)!r} is a file, not a directory")
+    import tempfile
+
+    target = out if directory else out.parent
+    try:  # create it and write a probe: a read-only or unreachable place fails now
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".tracerl-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{key}: cannot write {str(out)!r}: {exc.strerror or exc}") from None
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -194,9 +204,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         for key, text in help_texts(kind).items():
             print(f"{key}: {text}")
         return 0
+    found = _check_runnable(config, sft=kind is SFTConfig)
     print(dump(config), end="")
-    print(f"# {args.recipe}: valid {kind.__name__}", file=sys.stderr)
+    print(f"# {args.recipe}: valid {kind.__name__}; {found}", file=sys.stderr)
     return 0
+
+
+def _check_runnable(config: object, sft: bool) -> str:
+    """What the run would read before its first step, read now without loading the model: the model directory
+    exists, the data loads and fits its columns, the reward functions import (their code runs)."""
+    from tracerl.build import build_rewards, resolve_checkpoint
+    from tracerl.data import load_rows
+
+    source = resolve_checkpoint(config.model.path, key="model.path")
+    if not source.is_dir() or not any((source / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise UserError(f"model.path: {str(source)!r} is not a model directory (no config.json)")
+    rows = load_rows(config.data, "train")
+    found = f"model {source}, {len(rows)} training rows"
+    if config.data.eval_files or (not sft and config.trainer.eval_steps):
+        found += f", {len(load_rows(config.data, 'eval'))} eval rows"
+    if not sft:
+        from tracerl.build import check_reward_columns
+
+        rewards = build_rewards(config)
+        check_reward_columns(rewards, rows, "the training data")
+        found += f", rewards {', '.join(rewards.names)}"
+        rewards.close()
+    return found
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

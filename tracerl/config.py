@@ -45,9 +45,23 @@ def _check_scheduler(name: str) -> None:
 
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
-        get_scheduler(name, probe, num_warmup_steps=0, num_training_steps=1)
+        schedule = get_scheduler(name, probe, num_warmup_steps=0, num_training_steps=1)
     except (ValueError, TypeError, KeyError) as exc:  # transformers' message lists the names
         raise UserError(f"optimizer.lr_scheduler_type={name!r} is not usable here: {exc}") from None
+    probe.step()
+    try:  # stepped as the training loops step it: once per optimizer step, with no metric
+        schedule.step()
+    except TypeError:
+        raise UserError(f"optimizer.lr_scheduler_type={name!r} steps on a validation metric, which the training "
+                        "loop does not give it; use a schedule over the steps (linear, cosine, constant, ...)") from None
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:  # the prompt order's generator takes seed * 1_000_003 + epoch as a 64-bit int
+        raise UserError(f"trainer.seed: must lie in [0, {MAX_SEED}], got {seed}")
 
 
 @dataclass
@@ -232,6 +246,7 @@ class TrainerConfig:
                   save_total_limit=self.save_total_limit)  # a limit <= 0 would delete the checkpoint just written
         _non_negative("trainer", replay_batch_size=self.replay_batch_size, save_steps=self.save_steps,
                       eval_steps=self.eval_steps)
+        _check_seed(self.seed)
         per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if per_step % self.num_generations:
             raise UserError(
@@ -251,6 +266,7 @@ class SFTTrainerConfig:
     def validate(self) -> None:
         _positive("trainer", max_steps=self.max_steps, per_device_train_batch_size=self.per_device_train_batch_size,
                   gradient_accumulation_steps=self.gradient_accumulation_steps, logging_steps=self.logging_steps)
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -258,6 +274,12 @@ class LoggingConfig:
     report_to: list[str] = field(default_factory=list)  # [] | [wandb]
     project: str | None = None  # W&B project (default: $WANDB_PROJECT or "tracerl")
     run_name: str | None = None  # W&B run name (default: W&B's own)
+
+    def validate(self) -> None:
+        unknown = [name for name in self.report_to if name not in ("wandb", "none")]
+        if unknown:  # a typo (wandbb) or another tracker would otherwise log nothing, silently
+            raise UserError(f"logging.report_to: {unknown[0]!r} is not a tracker TraceRL reports to (wandb, or none; "
+                            "metrics.jsonl in trainer.output_dir is always written)")
 
 
 @dataclass
@@ -286,7 +308,7 @@ class RLConfig:
                 self.rollout.resolve_block_length(None)
         except UserError as exc:
             raise UserError(f"rollout.{exc}") from None
-        for section in (self.model, self.data, self.algorithm, self.optimizer, self.trainer, self.peft):
+        for section in (self.model, self.data, self.algorithm, self.optimizer, self.trainer, self.peft, self.logging):
             section.validate()
         if self.eval.batch_size <= 0 or self.eval.num_generations <= 0:
             raise UserError("eval.batch_size and eval.num_generations must be > 0")
@@ -330,5 +352,5 @@ class SFTConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.sft, self.optimizer, self.trainer, self.peft):
+        for section in (self.model, self.data, self.sft, self.optimizer, self.trainer, self.peft, self.logging):
             section.validate()

@@ -75,7 +75,21 @@ def load_rows(data: Any, which: str = "train") -> list[dict[str, Any]]:
         raise UserError(f"{source}: no rows")
     if which == "eval" and data.max_eval_samples:
         rows = rows[: data.max_eval_samples]
+    check_column_names(rows, source)
     return [with_prompt(r, data, i, source) for i, r in enumerate(rows)]
+
+
+def check_column_names(rows: Sequence[dict[str, Any]], source: str) -> None:
+    """A column named like an argument every reward receives would reach the rewards twice: refused, named."""
+    clash = sorted({name for r in rows for name in r} & REWARD_ARGUMENTS)
+    if clash:
+        raise UserError(f"{source}: column {clash[0]!r} has the name of an argument every reward function receives "
+                        f"({', '.join(sorted(REWARD_ARGUMENTS))}); rename the column")
+
+
+# what reward functions receive besides the dataset's columns (TRL's names, and the trajectory)
+REWARD_ARGUMENTS = frozenset({"prompts", "completions", "completion_ids", "trajectory", "trainer_state", "log_metric",
+                              "log_extra"})
 
 
 def _from_files(files: list[str]) -> Any:
@@ -123,6 +137,10 @@ def _from_name(name: str, config_name: str | None, split: str) -> Any:
             if split not in loaded:
                 raise UserError(f"data.dataset_name {name!r}: no split {split!r} (found {sorted(loaded)})")
             loaded = loaded[split]
+        elif loaded.split is not None and str(loaded.split) != split:  # one saved split is not another
+            raise UserError(f"data.dataset_name {name!r} holds one dataset, saved as split {str(loaded.split)!r}, "
+                            f"and split {split!r} was asked for (data.split / data.eval_split); save a DatasetDict, "
+                            "or name the eval data in data.eval_files")
         return loaded
     try:
         return datasets.load_dataset(name, config_name, split=split)
@@ -179,5 +197,9 @@ def prompt_problem(prompt: Any) -> str | None:
         if not prompt:
             return "is an empty list of chat messages"
         bad = next((m for m in prompt if not isinstance(m, dict) or not {"role", "content"} <= set(m)), None)
-        return None if bad is None else f"is a list whose entry {bad!r} is not a chat message ({{role, content}})"
+        if bad is not None:
+            return f"is a list whose entry {bad!r} is not a chat message ({{role, content}})"
+        # a chat template concatenates the text: null, a number or a list of content parts fails inside jinja
+        bad = next((m for m in prompt if not isinstance(m["role"], str) or not isinstance(m["content"], str)), None)
+        return None if bad is None else f"has a chat message {bad!r} whose role or content is not text"
     return f"is {type(prompt).__name__} {prompt!r}, not a string or a list of chat messages"

@@ -51,8 +51,10 @@ def across_ranks(backend: Any, metrics: dict[str, float]) -> dict[str, float]:
         return metrics
     every = backend.all_gather_object(metrics)
     out = {}
-    for key in metrics:
-        values = [float(m[key]) for m in every]
+    # the union of the ranks' keys: a reward's log_metric, or a reward that failed on one rank only, may give a
+    # key on some ranks and not others (averaged over the ranks that have it)
+    for key in sorted({k for m in every for k in m}, key=lambda k: (k not in metrics, k)):
+        values = [float(m[key]) for m in every if key in m]
         out[key] = (sum(values) if key in SUMMED_METRICS else max(values) if key in SLOWEST_METRICS
                     else sum(values) / len(values))
     return out

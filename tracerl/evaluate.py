@@ -19,10 +19,11 @@ EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training rollouts'
 
 def evaluate(
     model: DiffusionLM, rows: Sequence[dict[str, Any]], reward_fn: Callable[..., Any], config: RLConfig,
-    progress: bool = False,
+    progress: bool = False, trainer_state: Any = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Returns (summary metrics, one record per completion). accuracy = share of samples whose total reward
-    reaches eval.success_threshold."""
+    reaches eval.success_threshold. trainer_state: what the rewards get as trainer_state during training (the
+    current step, as TRL passes its live state); None outside training (global_step -1)."""
     ev, m = config.eval, config.model
     rollout = replace(config.rollout, temperature=ev.temperature)
     records: list[dict[str, Any]] = []
@@ -33,7 +34,7 @@ def evaluate(
         seeds = [[derive_seed(config.trainer.seed, EVAL_STREAM, first + i, g) for g in range(ev.num_generations)]
                  for i in range(len(batch))]
         scored = sample_and_score(model, batch, rollout, reward_fn, ev.num_generations, seeds,
-                                  m.use_chat_template, m.system_prompt)
+                                  m.use_chat_template, m.system_prompt, trainer_state=trainer_state)
         traj, steps = scored.traj, scored.traj.steps_per_sequence()
         for i, prompt in enumerate(scored.prompts):
             records.append({

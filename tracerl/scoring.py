@@ -6,6 +6,8 @@
 Completion g of row i samples from its own seed (`seeds[i][g]`), so what a prompt gets depends on the policy and
 that seed only: not on the batch, the rank or the evaluation batch size. A reward function is a RewardSet
 (reward_models) or any TRL-signature callable; both may return process rewards (reward_models.ProcessReward).
+It is called as TRL 1.16's GRPOTrainer calls its rewards (reward_models/protocol.py): completions as messages for
+conversational prompts, completion_ids, a TrainerState as trainer_state, log_metric / log_extra, plus trajectory.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ScoredBatch:
     per_function: dict[str, list[float]]  # each reward function's values (NaN where it returned None)
     metrics: dict[str, float] = field(default_factory=dict)  # rewards/<name>/mean, reward_errors/<name>, ...
     process: Tensor | None = None  # [N, T] float32 per-step process rewards (NaN = none), or None
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # the rewards' log_extra columns (TRL's table columns)
 
 
 def sample_and_score(
@@ -47,11 +50,13 @@ def sample_and_score(
     use_chat_template: bool = False,
     system_prompt: str | None = None,
     group_offset: int = 0,
-    trainer_state: dict[str, int] | None = None,
+    trainer_state: Any = None,
 ) -> ScoredBatch:
     """Generate `num_generations` completions for each row (seeds [rows][G]) and score them.
 
     group_offset numbers this batch's groups after other ranks' (group ids must not collide when gathered).
+    trainer_state: a TrainerState, or {"step", "epoch", "max_steps"}, or None outside training (global_step -1);
+    the rewards get it as a TrainerState (reward_models.protocol.trainer_state).
     """
     G, tok = num_generations, model.tokenizer
     prompts = [r["prompt"] for r in rows for _ in range(G)]
@@ -61,16 +66,44 @@ def sample_and_score(
     traj = generate(model, ids, rollout, group_id=group_id, row_seeds=[s for row in seeds for s in row])
     texts = decode_completions(traj, tok)
     columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns_of(rows).items()}
-    state = trainer_state or {"step": -1, "epoch": 0}
-    result = reward_fn(prompts, texts, trajectory=traj, trainer_state=state, **columns)
+    result, log = _call_rewards(reward_fn, prompts, texts, traj, trainer_state, columns)
     rewards, per_function, metrics, steps, tokens = _read_rewards(result)
+    metrics.update(log.metrics())
     process = None if steps is None and tokens is None else process_table(steps, tokens, traj.unmask_step,
                                                                           traj.action_mask)
     if process is not None:
         given = process[torch.isfinite(process)]
         metrics["rewards/process/mean"] = given.mean().item()
         metrics["rewards/process/steps_per_sequence"] = given.numel() / max(len(texts), 1)
-    return ScoredBatch(traj, prompts, texts, columns, rewards, per_function, metrics, process)
+    return ScoredBatch(traj, prompts, texts, columns, rewards, per_function, metrics, process, log.extras())
+
+
+def completion_ids(traj: Trajectory) -> list[list[int]]:
+    """[N] each completion's token ids as TRL passes them: cut after the first EOS, the EOS kept (TRL's
+    completion_mask, `position <= first EOS`); a completion without an EOS keeps all its L tokens."""
+    keep = traj.completion_mask()
+    return [row[m].tolist() for row, m in zip(traj.response_ids.cpu(), keep.cpu())]
+
+
+def _call_rewards(reward_fn: Callable[..., Any], prompts: list, texts: list[str], traj: Trajectory,
+                  trainer_state: Any, columns: dict[str, list]) -> tuple[Any, Any]:
+    """Call the rewards as TRL does, by keyword, with TRL's arguments (reward_models/protocol.py); returns (their
+    result, the RewardLog their log_metric / log_extra wrote to). A RewardSet gives each of its calls private
+    copies of the arguments; any other callable gets them here, so no reward can edit the batch in place."""
+    from reward_models.combine import RewardSet, private_copies
+    from reward_models.protocol import RewardLog, as_trainer_state, trl_completions
+
+    log = RewardLog()
+    kwargs = {"prompts": prompts, "completions": trl_completions(prompts, texts), "trajectory": traj,
+              "trainer_state": as_trainer_state(trainer_state), "completion_ids": completion_ids(traj),
+              "log_metric": log.log_metric, "log_extra": log.log_extra}
+    clash = sorted(set(kwargs) & set(columns))
+    if clash:  # the data check refuses such datasets before the run; never let a column shadow an argument
+        raise UserError(f"dataset column(s) {clash} have the names of reward arguments the trainer passes")
+    kwargs.update(columns)
+    if not isinstance(reward_fn, RewardSet):
+        kwargs = private_copies(kwargs)
+    return reward_fn(**kwargs), log
 
 
 def check_prompts(model: DiffusionLM, rows: Sequence[dict[str, Any]], max_completion_length: int,

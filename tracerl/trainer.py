@@ -170,10 +170,11 @@ class RLTrainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        from tracerl.checkpoint import resume_if_asked, save_checkpoint
+        from tracerl.checkpoint import resume_if_asked, save_checkpoint, set_aside_previous_run
 
         tr, log = self.config.trainer, self.config.logging
         resume_if_asked(self)
+        set_aside_previous_run(self)
         logger = MetricsLogger(tr.output_dir, log.report_to, config=asdict(self.config), project=log.project,
                                run_name=log.run_name, is_main=self.backend.is_main, logging_steps=tr.logging_steps,
                                start_step=self.step)
@@ -212,7 +213,9 @@ class RLTrainer:
         from tracerl.evaluate import evaluate
 
         with self.backend.generation(self.policy):
-            summary, _ = evaluate(self.model, list(self.eval_rows), self.reward_fn, self.config)
+            summary, _ = evaluate(self.model, list(self.eval_rows), self.reward_fn, self.config,
+                                  trainer_state=dict(step=self.step, epoch=self.sampler.epoch,
+                                                     max_steps=self.config.trainer.max_steps))
         return {f"eval/{k}": v for k, v in summary.items()}
 
     def _sample_table(self) -> tuple[list[str], list[list[Any]]]:
@@ -274,7 +277,8 @@ class RLTrainer:
             return sample_and_score(self.model, [self.rows[i] for i in indices], self.config.rollout, self.reward_fn,
                                     tr.num_generations, seeds, m.use_chat_template, m.system_prompt,
                                     group_offset=self.backend.rank * len(indices),
-                                    trainer_state={"step": self.step, "epoch": self.sampler.epoch})
+                                    trainer_state=dict(step=self.step, epoch=self.sampler.epoch,
+                                                       max_steps=tr.max_steps))
 
     # ---- credit ---------------------------------------------------------------------------------------------
     def assign_credit(self, traj: Trajectory, rewards: torch.Tensor, train_step: torch.Tensor, replay: ReplayBatch,

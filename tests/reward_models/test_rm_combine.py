@@ -93,10 +93,10 @@ def test_columns_trajectory_and_trainer_state_arrive_as_kwargs():
     def named_only(prompts, completions, answer):  # no **kwargs: gets only what it names
         return [float(c == a) for c, a in zip(completions, answer)]
 
-    traj = object()
+    traj = {"response_ids": torch.tensor([[1, 2]])}  # each call gets its own copy (test_trl_signature.py)
     result = RewardSet([spy, named_only])(PROMPTS, COMPLETIONS, answer=["aa", "x", "c"], trajectory=traj,
                                           trainer_state={"step": 3, "epoch": 1})
-    assert seen["answer"] == ["aa", "x", "c"] and seen["trajectory"] is traj
+    assert seen["answer"] == ["aa", "x", "c"] and seen["trajectory"]["response_ids"].tolist() == [[1, 2]]
     assert seen["trainer_state"] == {"step": 3, "epoch": 1}
     assert result.total.tolist() == [1.0, 0.0, 1.0]
 
