@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_families.py           # one CUDA GPU, bf16; under 2 minutes on an H100
     python benchmarks/gpu_families.py --tiny    # CPU dry run with toy dimensions (checks the script itself)
-    python benchmarks/gpu_families.py --families llada --caches none prefix dual dual:h128 elastic --length 1024
+    python benchmarks/gpu_families.py --families llada --caches none prefix dual dual:h128 elastic elastic:g0.99 --length 1024
                                                 # LLaDA with each approximate cache (rollout.cache), static and dynamic
 
 The models are built from published-style config.json dicts through the family modules' own config mapping
