@@ -172,6 +172,7 @@ def test_the_example_script_trains_sudoku_from_python(tmp_path):
     (dict(train_dataset=["a", "b"]), "train_dataset: row 0 is str 'a', not a dict of columns"),
     (dict(args={"max_steps": 1}), "args: expected a TraceRLConfig, got dict"),
     (dict(reward_funcs=[]), "reward_funcs: no reward function given"),
+    (dict(peft_config={"r": 4}), "peft_config: expected a peft.LoraConfig"),
     (dict(reward_funcs=lambda prompts, completions, solution, **kw: [0.0] * len(completions)),
      r"rewards: '<lambda>' reads column 'solution', which train_dataset lacks"),
 ])

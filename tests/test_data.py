@@ -111,10 +111,12 @@ def test_a_template_that_cannot_be_filled_names_the_template_and_row(files, temp
 def test_data_without_rows_is_an_error_naming_it(tmp_path):
     import datasets
 
-    for name, content in (("d.jsonl", ""), ("d.csv", "puzzle,solution\n")):
-        (tmp_path / name).write_text(content)
-        with pytest.raises(UserError, match=rf"data files \[.*{name}'\]: could not be read"):
-            load_rows(DataConfig(eval_files=[str(tmp_path / name)]), "eval")
+    (tmp_path / "d.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"data file '.*d.jsonl' is empty"):
+        load_rows(DataConfig(eval_files=[str(tmp_path / "d.jsonl")]), "eval")
+    (tmp_path / "d.csv").write_text("puzzle,solution\n")
+    with pytest.raises(UserError, match=r"data files \[.*d.csv'\]: could not be read"):
+        load_rows(DataConfig(eval_files=[str(tmp_path / "d.csv")]), "eval")
     # a saved dataset with no rows used to evaluate nothing and write an empty result, exit code 0
     datasets.Dataset.from_dict({"prompt": ["a"]}).filter(lambda r: False).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(UserError, match=r"data.dataset_name '.*ds' \(split 'test'\): no rows"):

@@ -177,6 +177,11 @@ class TraceRLTrainer:
             raise UserError(f"args: expected a TraceRLConfig, got {type(self.args).__name__} (build one with "
                             "TraceRLConfig(**settings))")
         config = self.args.to_recipe()
+        if peft_config is not None and not isinstance(peft_config, schema.PeftSection):
+            from peft import PeftConfig
+
+            if not isinstance(peft_config, PeftConfig):
+                raise UserError(f"peft_config: expected a peft.LoraConfig (or None), got {type(peft_config).__name__}")
         if train_dataset is None:
             raise UserError("TraceRLTrainer: train_dataset is required (rows with a 'prompt' column)")
         rows = _rows(train_dataset, "train_dataset")

@@ -101,6 +101,8 @@ def _from_files(files: list[str]) -> Any:
                             "data.dataset_name)")
         if not Path(f).is_file():
             raise UserError(f"data file {f!r} does not exist")
+        if Path(f).stat().st_size == 0:  # datasets' own error for it has an empty message
+            raise UserError(f"data file {f!r} is empty")
     suffixes = {Path(f).suffix.lower() for f in files}
     if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
         raise UserError(f"data files {files}: use one format of {', '.join(FORMATS)}")
