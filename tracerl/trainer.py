@@ -219,9 +219,9 @@ class RLTrainer:
         return {f"eval/{k}": v for k, v in summary.items()}
 
     def _sample_table(self) -> tuple[list[str], list[list[Any]]]:
-        """A few of the last step's completions with their reward and unmask order, for W&B."""
-        last = getattr(self, "_last_samples", None) or []
-        return ["prompt", "completion", "reward", "unmask_order"], last
+        """A few of the last step's completions with their reward, unmask order and the rewards' log_extra
+        columns, for W&B."""
+        return getattr(self, "_last_samples", None) or (list(SAMPLE_COLUMNS), [])
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout -> score -> credit -> replay -> update; returns its metrics over all ranks (TRL's
@@ -230,12 +230,10 @@ class RLTrainer:
         batch = self.sample_and_score(self._step_indices())  # rollout + rewards: tracerl/scoring.py
         t_rollout = time.perf_counter() - t0
         learned = self.learn(batch.traj, batch.rewards, batch.process)  # credit -> replay -> update
-        self._last_samples = [[str(batch.prompts[i]), batch.completions[i], float(batch.rewards[i]),
-                               batch.traj.unmask_step[i].tolist()] for i in range(min(4, len(batch.completions)))]
+        self._last_samples = sample_rows(batch, limit=4)
         traj, steps = batch.traj, batch.traj.steps_per_sequence().float()
-        return dp.across_ranks(self.backend, {
+        return dp.across_ranks(self.backend, keep_reward_metrics(batch.metrics, {
             **dp.reward_stats(self.backend, batch.rewards),
-            **batch.metrics,
             **learned,
             "completions/mean_length": traj.completion_lengths().float().mean().item(),
             "trajectory/steps_per_sequence": steps.mean().item(),
@@ -246,7 +244,7 @@ class RLTrainer:
             "perf/step_seconds": time.perf_counter() - t0,
             "perf/rollout_tokens_per_second": traj.num_sequences * traj.response_length / max(t_rollout, 1e-9),
             "learning_rate": self.scheduler.get_last_lr()[0],
-        })
+        }))
 
     def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
               ) -> dict[str, float]:
@@ -529,3 +527,28 @@ def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:
 
 def completions_per_step(tr: TrainerConfig) -> int:
     return tr.per_device_train_batch_size * tr.gradient_accumulation_steps
+
+
+SAMPLE_COLUMNS = ("prompt", "completion", "reward", "unmask_order")  # W&B's "completions" table, then log_extra's
+
+
+def sample_rows(batch: ScoredBatch, limit: int) -> tuple[list[str], list[list[Any]]]:
+    """The first `limit` completions of a step as W&B table rows: SAMPLE_COLUMNS, then every column the rewards
+    gave to `log_extra` (TRL adds them to its completions table too); a column a reward logged fewer values for
+    than there are completions is None where it has none."""
+    extra = sorted(batch.extra)
+    rows = []
+    for i in range(min(limit, len(batch.completions))):
+        own = [str(batch.prompts[i]), batch.completions[i], float(batch.rewards[i]), batch.traj.unmask_step[i].tolist()]
+        rows.append(own + [batch.extra[c][i] if i < len(batch.extra[c]) else None for c in extra])
+    return [*SAMPLE_COLUMNS, *extra], rows
+
+
+def keep_reward_metrics(reward_metrics: dict[str, float], trainer_metrics: dict[str, float]) -> dict[str, float]:
+    """The step's metrics: the trainer's, plus the rewards' (rewards/<name>/..., and what they gave `log_metric`).
+    A reward metric named like one of the trainer's (`loss`, `kl`, `learning_rate`, ...) is kept as
+    `reward_log/<name>` rather than being overwritten by the trainer's value, or overwriting it."""
+    merged = dict(trainer_metrics)
+    for name, value in reward_metrics.items():
+        merged[f"reward_log/{name}" if name in trainer_metrics else name] = value
+    return merged

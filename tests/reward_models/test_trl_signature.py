@@ -3,6 +3,7 @@ completion_ids, a TrainerState, log_metric / log_extra), a hung sync reward neve
 reward that edits its arguments in place changes nothing the trainer or the dataset sees."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,25 @@ def test_log_metric_reaches_the_step_metrics_and_log_extra_is_kept(model):
     # a RewardSet used on its own makes its own log
     result = RewardSet([judge])(["p", "q"], ["a", "b"])
     assert result.metrics["judge/agreement"] == 0.5 and result.extra == {"judge_reason": ["why 0", "why 1"]}
+
+
+def test_a_step_keeps_a_reward_metric_named_like_the_trainers_and_tables_log_extra(tmp_path, model):
+    def judge(prompts, completions, log_metric, log_extra, **kwargs):
+        log_metric("loss", 123.0)  # a judge's own "loss": neither overwritten by the trainer's nor overwriting it
+        log_metric("judge/agreement", 0.25)
+        log_extra("judge_reason", [f"why {i}" for i in range(len(completions))])
+        return [float(i) for i in range(len(completions))]
+
+    cfg = RLConfig(rollout=ROLLOUT, optimizer=OptimizerConfig(learning_rate=1e-3),
+                   trainer=TrainerConfig(max_steps=1, num_generations=2, per_device_train_batch_size=2,
+                                         output_dir=str(tmp_path)))
+    trainer = RLTrainer(cfg, copy.deepcopy(model), RewardSet([judge]), [{"prompt": "hi"}])
+    metrics = trainer.train_step()
+    assert metrics["reward_log/loss"] == 123.0 and metrics["loss"] != 123.0
+    assert metrics["judge/agreement"] == 0.25 and "reward_log/judge/agreement" not in metrics
+    columns, rows = trainer._sample_table()
+    assert columns == ["prompt", "completion", "reward", "unmask_order", "judge_reason"]
+    assert [row[-1] for row in rows] == ["why 0", "why 1"] and [row[2] for row in rows] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("call, detail", [(lambda log: log("acc", "high"), "expected a number"),
