@@ -13,7 +13,9 @@ from tracerl.credit import (
     group_advantages,
     grpo_advantages,
     keep_mask,
+    pass_rate_mask,
     place_rewards,
+    process_advantages,
     shrink_steps,
     step_gae,
     whiten,
@@ -51,6 +53,36 @@ def test_batch_scale():
 def test_no_scale():
     adv, _ = group_advantages(REWARDS, GROUPS, "none")
     close(adv, [-1.0, -2.0, 0.0, 2.0, 1.0])
+
+
+def test_group_population_scale_is_dllm_rls_z_score():
+    # dLLM-RL reward/rl_reward.py z_score_normalize: (x - mean) / population std, no eps, all 0 when std == 0.
+    # [1, 0, 0, 0]: mean 1/4, population std sqrt(3/16) = sqrt(3)/4 -> [sqrt(3), -1/sqrt(3) x 3]
+    r3 = math.sqrt(3)
+    adv, zero = group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+                                 "group-population")
+    close(adv, [r3, -1 / r3, -1 / r3, -1 / r3, 0, 0, 0, 0])
+    assert zero.tolist() == [False] * 4 + [True] * 4
+    # TRL's "group" is smaller by sqrt(3/4) (unbiased std) and the eps: 1.4997 vs 1.7321 here
+    trl, _ = group_advantages(torch.tensor([1.0, 0, 0, 0]), torch.zeros(4, dtype=torch.long), "group")
+    assert float(trl[0]) == pytest.approx(0.75 / (math.sqrt(0.25) + EPS))
+
+
+def test_group_population_scale_of_process_rewards():
+    # one group of two rows, step rewards [[1, 3], [2, NaN]]: mean 2, population std sqrt(2/3)
+    out = process_advantages(torch.tensor([[1.0, 3.0], [2.0, NAN]]), torch.tensor([0, 0]),
+                             torch.tensor([[0, 1], [0, 0]]), torch.ones(2, 2, dtype=torch.bool), "group-population")
+    s = math.sqrt(2 / 3)
+    close(out, [[0.0, 1 / s], [0.0, 0.0]])  # row 0: step 0 gets (-1 + 1)/s, step 1 gets 1/s; row 1: 0
+
+
+def test_pass_rate_filter_keeps_dllm_rls_band():
+    # dLLM-RL drops a group when its share of correct answers is > 0.8 or < 0.2 (both ends kept)
+    rewards = torch.tensor([1.0, 0, 0, 0, 0,   1, 1, 1, 1, 0,   1, 1, 1, 1, 1,   0, 0, 0, 0, 0,   1, NAN, 0, 0, 0])
+    groups = torch.arange(5).repeat_interleave(5)
+    keep = pass_rate_mask(rewards, groups, 0.2, 0.8)
+    assert keep.view(5, 5)[:, 0].tolist() == [True, True, False, False, True]  # 0.2, 0.8, 1.0, 0.0, 1/4
+    assert not pass_rate_mask(torch.full((2,), NAN), torch.zeros(2, dtype=torch.long), 0.0, 1.0).any()
 
 
 def test_bad_scale_mode():
@@ -298,3 +330,10 @@ def test_whiten():
     mask = torch.tensor([True, True, True, False])
     close(whiten(x, mask), [-1.0, 0.0, 1.0, 0.0], atol=1e-6)  # mean 2, unbiased var 1
     close(whiten(x, mask, shift_mean=False), [1.0, 2.0, 3.0, 0.0], atol=1e-6)
+
+
+def test_gae_with_no_trained_token_at_all():
+    # every group dropped (pass_rate_filter): nothing to assign, and no index error
+    adv = step_gae(torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long),
+                   torch.zeros(2, 3, dtype=torch.bool), 1.0, 1.0)
+    assert not adv.advantages.any() and not adv.returns.any()

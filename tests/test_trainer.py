@@ -184,3 +184,48 @@ def test_resuming_another_models_checkpoint_names_the_checkpoint(tmp_path):
     with pytest.raises(UserError, match=r"trainer.resume_from_checkpoint: .*checkpoint-1 does not fit this run's "
                                         "model"):
         RLTrainer(config, other, distinct_chars, ROWS).train()
+
+
+def _scored_with(trainer, rewards):
+    """A real rollout of two prompts x 4 whose rewards are then set by hand, and its replay."""
+    from tracerl import credit
+
+    batch = trainer.sample_and_score([0, 1])
+    traj = batch.traj
+    train_step = credit.shrink_steps(traj.unmask_step, traj.action_mask, 1)
+    return traj, torch.tensor(rewards), train_step, trainer._replay(traj, train_step, 0)
+
+
+def test_dllm_rl_settings_filter_groups_untrain_padding_and_feed_the_z_score_to_the_value_model(tmp_path):
+    """dLLM-RL's pass-rate band, post_num 0 and z-scored value-model reward, against its published numbers."""
+    cfg = make_config(tmp_path, False, algorithm={
+        "use_value_model": True, "value_outcome": "group", "scale_rewards": "group-population",
+        "whiten_advantages": False, "pass_rate_filter": [0.2, 0.8], "trained_pad_tokens": 0})
+    trainer = RLTrainer(cfg, tiny(False), frac_target, ROWS)
+    traj, rewards, train_step, replay = _scored_with(trainer, [1.0, 0, 0, 0, 1, 1, 1, 1])
+    pad = trainer.model.pad_token_id
+    traj.response_ids[0, 3:6] = pad  # row 0 wrote padding at positions 3-5: none of it is trained (post_num 0)
+    adv, _ = trainer.assign_credit(traj, rewards, train_step, replay)
+    trained = adv.token_mask
+    assert not trained[4:].any()  # group 2 solved 4 of 4: outside [0.2, 0.8], dropped
+    assert not trained[0, 3:6].any() and trained[0, :3].all()
+    not_pad = traj.action_mask[:4] & (traj.response_ids[:4] != pad)
+    assert torch.equal(trained[:4], not_pad)
+    # gamma = lam = 1: every trained token's value target is the row's z-score, dLLM-RL's [sqrt3, -1/sqrt3 x 3]
+    r3 = 3 ** 0.5
+    for row, z in enumerate([r3, -1 / r3, -1 / r3, -1 / r3]):
+        torch.testing.assert_close(adv.returns[row][trained[row]], torch.full((int(trained[row].sum()),), z),
+                                   atol=1e-5, rtol=0)
+    assert adv.metrics["trajectory/pass_rate_kept"] == 0.5
+    # post_num 1: the first pad token of a completion stays trained
+    trainer.config.algorithm.trained_pad_tokens = 1
+    adv, _ = trainer.assign_credit(traj, rewards, train_step, replay)
+    assert adv.token_mask[0, 3] and not adv.token_mask[0, 4:6].any()
+
+
+def test_bad_dllm_rl_settings_name_the_key(tmp_path):
+    for alg, key in [({"pass_rate_filter": [0.8, 0.2]}, "pass_rate_filter"),
+                     ({"pass_rate_filter": [0.2]}, "pass_rate_filter"),
+                     ({"trained_pad_tokens": -1}, "trained_pad_tokens")]:
+        with pytest.raises(UserError, match=f"algorithm.{key}"):
+            make_config(tmp_path, False, algorithm=alg).validate()

@@ -51,6 +51,8 @@ FIELDS: dict[str, str] = {
     "log_ratio_clamp": "algorithm.log_ratio_clamp", "beta": "algorithm.beta", "kl_estimator": "algorithm.kl_estimator",
     "loss_aggregation": "algorithm.loss_aggregation", "scale_rewards": "algorithm.scale_rewards",
     "drop_zero_std_groups": "algorithm.drop_zero_std_groups", "old_logprobs": "algorithm.old_logprobs",
+    "pass_rate_filter": "algorithm.pass_rate_filter", "trained_pad_tokens": "algorithm.trained_pad_tokens",
+    "value_outcome": "algorithm.value_outcome",
     "entropy_coef": "algorithm.entropy_coef", "num_iterations": "algorithm.num_iterations",
     "use_value_model": "algorithm.use_value_model", "gamma": "algorithm.gamma", "lam": "algorithm.lam",
     "value_clip": "algorithm.value_clip", "value_learning_rate": "algorithm.value_learning_rate",

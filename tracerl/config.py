@@ -7,12 +7,13 @@ values (`validate`, raising UserError with the key path), and RLConfig.validate 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_models.loader import RewardSpec
 from tracerl.choices import (Aggregation, DType, KLKind, LossType, OldLogprobs, OnError, RolloutCorrection,
-                             ScaleRewards)
+                             ScaleRewards, ValueOutcome)
 from tracerl.errors import UserError
 from tracerl.rollout.config import RolloutConfig
 
@@ -150,9 +151,14 @@ class AlgorithmConfig:
     loss_aggregation: Aggregation | None = None  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO) |
     #   microbatch-token-mean (d1, coupled: sum(m l) / sum(m) per micro-batch) | microbatch-sum (wd1); unset: the
     #   estimator's (trace: token-mean)
-    scale_rewards: ScaleRewards | None = None  # group | batch | none: divide the group-relative advantage by which std;
-    #   unset: the estimator's (trace: group, as TRL; d1, coupled, wd1: none, as published)
+    scale_rewards: ScaleRewards | None = None  # group | group-population | batch | none: divide the group-relative
+    #   advantage by which std (group: unbiased + 1e-4, TRL's; group-population: population std, no eps, dLLM-RL's
+    #   z-score); unset: the estimator's (trace: group, as TRL; d1, coupled, wd1: none, as published)
     drop_zero_std_groups: bool = False  # groups whose rewards are all equal carry no signal: drop their rows
+    pass_rate_filter: list[float] | None = None  # [low, high]: train only on groups whose mean reward (pass rate)
+    #   lies in [low, high]; dLLM-RL: [0.2, 0.8]; None = every group
+    trained_pad_tokens: int | None = None  # train on only the first N pad tokens of each completion (the rest stay
+    #   masked in the replay's input but are not scored); dLLM-RL's post_num: 0; None = every committed token
     old_logprobs: OldLogprobs = "recompute"  # recompute (pre-update weights) | rollout (behaviour log-probs, trace only)
     entropy_coef: float = 0.0  # entropy bonus coefficient
     num_iterations: int = 1  # PPO epochs over each rollout batch (TRL's num_iterations)
@@ -162,6 +168,9 @@ class AlgorithmConfig:
     value_clip: float | None = 0.2  # clipped value loss range (None = unclipped)
     value_learning_rate: float | None = None  # None = optimizer.learning_rate
     whiten_advantages: bool = True  # normalise GAE advantages over the batch (value-model path; as PPO and verl do)
+    value_outcome: ValueOutcome = "raw"  # the outcome reward the value path's GAE sees: raw, or group (its
+    #   group-relative advantage under scale_rewards: dLLM-RL feeds the z-score, scale_rewards group-population,
+    #   with whiten_advantages false)
     process_reward_coef: float = 1.0  # weight of process (per-step / per-token) rewards against the outcome, after
     #   each is normalised (group baselines) or in the GAE rewards (value model); 0 = ignore them
     rollout_correction: RolloutCorrection = "none"  # none | tis: weight each token's policy loss by
@@ -194,6 +203,14 @@ class AlgorithmConfig:
             raise UserError("algorithm.rollout_correction=tis needs algorithm.estimator=trace, algorithm.shrink=1 and "
                             "algorithm.old_logprobs=recompute: it weighs the replay's old log-prob against the "
                             "sampler's, token by token on the states the sampler visited")
+        if self.pass_rate_filter is not None:
+            band = self.pass_rate_filter
+            if len(band) != 2 or not all(math.isfinite(v) for v in band) or band[0] > band[1]:
+                raise UserError(f"algorithm.pass_rate_filter: expected [low, high] with low <= high (dLLM-RL: "
+                                f"[0.2, 0.8]), got {band}")
+        if self.trained_pad_tokens is not None and self.trained_pad_tokens < 0:
+            raise UserError(f"algorithm.trained_pad_tokens: must be >= 0 (or null: train every token), got "
+                            f"{self.trained_pad_tokens}")
         _positive("algorithm", tis_cap=self.tis_cap, value_clip=self.value_clip,
                   value_learning_rate=self.value_learning_rate)
         _non_negative("algorithm", epsilon_high=self.epsilon_high)

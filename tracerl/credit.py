@@ -25,10 +25,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from tracerl.choices import ScaleRewards
+from tracerl.choices import ScaleRewards, options
 from tracerl.steps import dense_rank as _dense_rank
 from tracerl.steps import step_rank  # noqa: F401  (re-exported: credit.step_rank)
 
+SCALES = options(ScaleRewards)
 AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over the data-parallel ranks (the identity on one process)
 
 
@@ -78,14 +79,15 @@ def group_advantages(
 
     A_i = R_i - mean_{g(i)} R  (baseline "leave_one_out", coupled-GRPO's: R_i - mean of the OTHER rows of the
     group = n / (n - 1) (R_i - mean), n = scored rows of the group), then
-      "group": A_i / (std_{g(i)} R + eps);  "batch": A_i / (std_batch R + eps);  "none": A_i (Dr. GRPO).
+      "group": A_i / (std_{g(i)} R + eps);  "batch": A_i / (std_batch R + eps);  "none": A_i (Dr. GRPO);
+      "group-population": A_i / pstd_{g(i)} R, the population std and no eps (dLLM-RL's z_score_normalize).
     std is unbiased (torch.std); the batch std is over every rank's rewards (`all_reduce`, groups themselves never
     straddle ranks). NaN rewards (unscorable) are left out of every statistic and get A = 0.
     A group with fewer than two scored rows has zero spread. zero_std_mask marks rows whose group has zero spread
     (max == min, exact, so float noise in the mean cannot hide it); their advantage is exactly 0 in every mode.
     """
-    if scale_rewards not in ("group", "batch", "none"):
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    if scale_rewards not in SCALES:
+        raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
     dtype = _float_dtype(rewards)
     r = rewards.detach().to(dtype)  # [N]
     finite = torch.isfinite(r)  # [N]
@@ -96,7 +98,7 @@ def group_advantages(
     count = zeros.index_add(0, inv, finite.to(dtype))  # [G] scored rows per group
     mean = zeros.index_add(0, inv, r0) / count.clamp(min=1)  # [G]
     dev = torch.where(finite, r0 - mean[inv], torch.zeros_like(r0))  # [N]
-    var = zeros.index_add(0, inv, dev * dev) / (count - 1).clamp(min=1)  # [G] unbiased
+    squares = zeros.index_add(0, inv, dev * dev)  # [G]
     hi = torch.full_like(zeros, -torch.inf).scatter_reduce(0, inv, torch.where(finite, r0, -torch.inf), "amax")
     lo = torch.full_like(zeros, torch.inf).scatter_reduce(0, inv, torch.where(finite, r0, torch.inf), "amin")
     zero_std = ((count < 2) | (hi == lo))[inv]  # [N]
@@ -105,7 +107,9 @@ def group_advantages(
     elif baseline != "mean":
         raise ValueError(f"baseline must be 'mean' or 'leave_one_out', got {baseline!r}")
     if scale_rewards == "group":
-        dev = dev / (var.sqrt()[inv] + eps)
+        dev = dev / ((squares / (count - 1).clamp(min=1)).sqrt()[inv] + eps)  # unbiased std + eps (TRL)
+    elif scale_rewards == "group-population":  # dLLM-RL's z-score: population std, no eps (zero spread: A = 0)
+        dev = dev / (squares / count.clamp(min=1)).sqrt()[inv].clamp(min=torch.finfo(dtype).tiny)
     elif scale_rewards == "batch":
         _, batch_var, _ = masked_mean_var(r0, finite, all_reduce)
         dev = dev / (batch_var.sqrt() + eps)
@@ -116,6 +120,22 @@ def group_advantages(
 def keep_mask(zero_std_mask: Tensor, drop_zero_std: bool) -> Tensor:
     """[N] bool rows to train on: all of them, or (drop_zero_std) only rows whose group has reward spread."""
     return ~zero_std_mask if drop_zero_std else torch.ones_like(zero_std_mask, dtype=torch.bool)
+
+
+def pass_rate_mask(rewards: Tensor, group_id: Tensor, low: float, high: float) -> Tensor:
+    """[N] bool: rows whose group's mean reward (its pass rate, for a 0/1 reward) lies in [low, high].
+
+    dLLM-RL (reward/rl_reward.py) trains only on prompts its policy solves sometimes but not always: a group whose
+    share of correct answers is above 0.8 or below 0.2 is dropped before training. Unscored (NaN) rewards are left
+    out of the mean; a group with none is dropped."""
+    finite = torch.isfinite(rewards)
+    r0 = torch.where(finite, rewards.double(), 0.0)
+    _, inv = torch.unique(group_id, return_inverse=True)
+    zeros = torch.zeros(int(inv.max()) + 1 if inv.numel() else 0, dtype=torch.float64, device=rewards.device)
+    count = zeros.index_add(0, inv, finite.double())
+    rate = zeros.index_add(0, inv, r0) / count.clamp(min=1)  # [G]
+    keep = (count > 0) & (rate >= low) & (rate <= high)
+    return keep[inv]
 
 
 def broadcast_to_tokens(advantages: Tensor, token_mask: Tensor) -> Tensor:
@@ -231,14 +251,16 @@ def process_advantages(
     count = zeros.index_add(0, inv, given.sum(1).to(dtype))  # [G] rewards given per group
     mean = zeros.index_add(0, inv, p0.sum(1)) / count.clamp(min=1)  # [G]
     dev = torch.where(given, p0 - mean[inv][:, None], torch.zeros_like(p0))  # [N, T]
-    if scale_rewards == "group":
-        std = (zeros.index_add(0, inv, (dev * dev).sum(1)) / (count - 1).clamp(min=1)).sqrt()[inv][:, None]
-        dev = torch.where(std > 0, dev / (std + eps), torch.zeros_like(dev))  # no spread: no signal (not 0 / 0)
+    if scale_rewards in ("group", "group-population"):
+        divisor = (count - 1).clamp(min=1) if scale_rewards == "group" else count.clamp(min=1)
+        std = (zeros.index_add(0, inv, (dev * dev).sum(1)) / divisor).sqrt()[inv][:, None]
+        std = std + eps if scale_rewards == "group" else std
+        dev = torch.where(std > 0, dev / std.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(dev))  # no spread: no signal
     elif scale_rewards == "batch":
         batch_std = masked_mean_var(p0, given, all_reduce)[1].sqrt()
         dev = torch.where(batch_std > 0, dev / (batch_std + eps), torch.zeros_like(dev))
     elif scale_rewards != "none":
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+        raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
     # return-to-go over steps; column T (past every step) is 0
     to_go = torch.cat([dev.flip(1).cumsum(1).flip(1), torch.zeros_like(dev[:, :1])], dim=1)  # [N, T + 1]
     index = train_step.long().clamp(0, p.shape[1])  # [N, L]
@@ -382,7 +404,7 @@ def step_gae(
         delta = r_star[:, k] - v_star[:, k] + gamma * v_star[:, k + 1]  # [N]
         a_star[:, k] = delta + gamma * lam * a_star[:, k + 1]
         ret_star[:, k] = r_star[:, k] + gamma * ret_star[:, k + 1]
-    nxt = rank + 1  # [N, L] rank of the row's next step
+    nxt = (rank + 1).clamp(max=num_t)  # [N, L] rank of the row's next step (the clamp: rows with no token at all)
     adv = r - v + gamma * v_star.gather(1, nxt) + gamma * lam * a_star.gather(1, nxt)
     ret = r + gamma * ret_star.gather(1, nxt)
     adv, ret = torch.where(m, adv, zero), torch.where(m, ret, zero)

@@ -287,29 +287,53 @@ class RLTrainer:
         group-normalised return-to-go to the group advantages, or sit on their steps in the GAE recursion."""
         alg = self.config.algorithm
         coef = alg.process_reward_coef if process is not None else 0.0
+        trained, kept = self._trained_tokens(traj, rewards)  # [N, L] the action tokens the loss may score
         if self.value_model is None:
             est = estimator_spec(alg.estimator)
-            adv = credit.grpo_advantages(rewards, traj.group_id, traj.action_mask, alg.scale_rewards,
+            adv = credit.grpo_advantages(rewards, traj.group_id, trained, alg.scale_rewards,
                                          drop_zero_std=alg.drop_zero_std_groups, baseline=est.baseline,
                                          wd1=alg.loss_type == "wd1", all_reduce=self.all_reduce)
             if coef:
-                extra = credit.process_advantages(process, traj.group_id, train_step, traj.action_mask,
+                extra = credit.process_advantages(process, traj.group_id, train_step, trained,
                                                   alg.scale_rewards, all_reduce=self.all_reduce)
                 # a row with process rewards takes part even when its outcome carries no signal
-                adv.token_mask = adv.token_mask | (traj.action_mask & torch.isfinite(process).any(1)[:, None])
+                adv.token_mask = adv.token_mask | (trained & torch.isfinite(process).any(1)[:, None])
                 adv.advantages = torch.where(adv.token_mask, adv.advantages + coef * extra, 0.0)
+            adv.metrics.update(kept)
             return adv, None
         values = self._token_pass(replay, traj.num_sequences, lambda b, sl: self.value_model(b))  # [N, L]
         scorable = torch.isfinite(rewards)
         outcome = torch.where(scorable, rewards, torch.zeros_like(rewards))
+        if alg.value_outcome == "group":  # dLLM-RL: the group z-score is the reward the value model learns
+            outcome, _ = credit.group_advantages(rewards, traj.group_id, alg.scale_rewards,
+                                                 all_reduce=self.all_reduce)
         steps = None if not coef else coef * torch.nan_to_num(process, nan=0.0)
         if steps is not None:
             scorable = scorable | torch.isfinite(process).any(1)
-        r = credit.place_rewards(outcome, traj.unmask_step, traj.action_mask, steps, train_step)
-        adv = credit.step_gae(values, r, train_step, traj.action_mask & scorable[:, None], alg.gamma, alg.lam)
+        # the outcome sits on the last step that has trained tokens (dLLM-RL: the last trainable trace step)
+        r = credit.place_rewards(outcome, traj.unmask_step, trained, steps, train_step)
+        adv = credit.step_gae(values, r, train_step, trained & scorable[:, None], alg.gamma, alg.lam)
         if alg.whiten_advantages:
             adv.advantages = credit.whiten(adv.advantages, adv.token_mask, all_reduce=self.all_reduce)
+        adv.metrics.update(kept)
         return adv, values
+
+    def _trained_tokens(self, traj: Trajectory, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """[N, L] bool: the policy's action tokens, less the rows of groups outside algorithm.pass_rate_filter and
+        the pad tokens past algorithm.trained_pad_tokens (dLLM-RL's post_num: counted in position order, the
+        first N pad tokens of a completion stay trained). The replay still masks the dropped tokens in its input
+        states; they are only not scored. Also returns the share of rows the pass-rate filter kept (a metric)."""
+        alg = self.config.algorithm
+        trained, metrics = traj.action_mask, {}
+        if alg.pass_rate_filter is not None:
+            low, high = alg.pass_rate_filter
+            in_band = credit.pass_rate_mask(rewards, traj.group_id, low, high)  # [N]
+            trained = trained & in_band[:, None]
+            metrics["trajectory/pass_rate_kept"] = in_band.float().mean().item()
+        if alg.trained_pad_tokens is not None:
+            is_pad = traj.response_ids == self.model.pad_token_id  # [N, L]
+            trained = trained & ~(is_pad & (is_pad.long().cumsum(1) > alg.trained_pad_tokens))
+        return trained, metrics
 
     # ---- update ---------------------------------------------------------------------------------------------
     def _micro_slices(self, replay: ReplayBatch) -> list[slice]:
