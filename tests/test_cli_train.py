@@ -113,6 +113,21 @@ def test_data_and_output_mistakes_exit_2_before_the_model_loads(tmp_path):
               f"trainer.output_dir={tmp_path / 'sft'}")  # used to train on the text "None"
     assert out.returncode == 2, out.stderr[-2000:]
     assert "sft.completion_column: row 1 of data.train_files" in out.stderr and "is None, not text" in out.stderr
+    data.write_text('{"question": "1+1", "answer": 2}\n{"question": "1/2", "answer": 0.5}\n')  # 2 reads as 2.0
+    out = cli("sft", "recipes/sft_example.yaml", "model.path=/no/model", f"data.train_files=[{data}]",
+              f"trainer.output_dir={tmp_path / 'sft'}")
+    assert out.returncode == 2 and "row 0 of data.train_files" in out.stderr, out.stderr[-2000:]
+    assert "is 2.0, a number whose text was lost" in out.stderr
+    table = tmp_path / "d.csv"
+    table.write_text("question,answer,answer\n1+1,2,3\n")
+    out = cli("sft", "recipes/sft_example.yaml", "model.path=/no/model", f"data.train_files=[{table}]",
+              f"trainer.output_dir={tmp_path / 'sft'}")
+    assert out.returncode == 2 and "names column 'answer' more than once" in out.stderr, out.stderr[-2000:]
+    table.write_text("question,answer\n1+1,\n")  # a missing cell
+    out = cli("sft", "recipes/sft_example.yaml", "model.path=/no/model", f"data.train_files=[{table}]",
+              f"trainer.output_dir={tmp_path / 'sft'}")
+    assert out.returncode == 2 and "row 0 of data.train_files" in out.stderr and "is empty" in out.stderr, (
+        out.stderr[-2000:])
     out = cli("eval", "recipes/cpu_quickstart.yaml", "model.path=/no/model", f"eval.output_file={tmp_path}")
     assert out.returncode == 2, out.stderr[-2000:]  # used to evaluate everything, then fail to write it
     assert f"eval.output_file: '{tmp_path}' is a directory" in out.stderr and "Traceback" not in out.stderr

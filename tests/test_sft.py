@@ -53,3 +53,66 @@ def test_sft_teaches_addition(tmp_path, block):
     assert accuracy > 0.3  # chance is ~0.05
     reloaded = load_model(str(tmp_path / "final"))
     assert reloaded.block_size == block
+
+
+def test_dit_families_train_at_the_published_noise_level():
+    """MDLM / SEDD (diffusion.py `_forward_pass_diffusion`): sigma = -log(1 - (1 - eps) t), mask with
+    1 - exp(-sigma) = (1 - eps) t, the network told sigma (SEDD, time-conditioned), SUBS drops [MASK] (MDLM)."""
+    for family in ("sedd", "mdlm"):
+        model = build_tiny_model(family)
+        prompt, response = torch.tensor([[10, 11, 12, 13, 14]]), torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27]])
+        seen = {}
+        hook = model.backbone.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        loss, _ = masked_diffusion_loss(model, prompt, torch.ones_like(prompt, dtype=torch.bool), response,
+                                        torch.Generator().manual_seed(0))
+        hook.remove()
+        gen = torch.Generator().manual_seed(0)
+        t = 1e-3 + (1 - 1e-3) * torch.rand(1, 1, generator=gen)
+        masked = torch.rand(1, 8, generator=gen) < (1 - 1e-3) * t
+        sigma = -torch.log1p(-(1 - 1e-3) * t[:, 0])
+        noisy = torch.where(masked, model.mask_token_id, response)
+        logits = model.logits(torch.cat([prompt, noisy], 1), noise_level=sigma)[:, 5:].float()
+        if family == "mdlm":
+            logits[..., model.mask_token_id] = float("-inf")
+        else:
+            torch.testing.assert_close(seen["noise_level"], sigma)  # not the share of [MASK] over prompt + response
+        ce = torch.nn.functional.cross_entropy(logits[0], response[0], reduction="none")
+        assert loss.item() == pytest.approx(((ce * masked[0]) / t[0]).sum().item() / 8, rel=1e-5)
+
+
+def test_a_completion_longer_than_the_budget_is_refused_not_cut(tmp_path):
+    model = build_tiny_model("llama")
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "four, as it happens"}]
+    cfg = SFTConfig(sft=SFTSection(max_completion_length=4), trainer=TrainerConfig(output_dir=str(tmp_path)))
+    with pytest.raises(UserError, match=r"the completion of row 1 is \d+ tokens, longer than "
+                                        r"sft.max_completion_length=4 \(1 of 2 rows"):
+        train_sft(model, rows, cfg)
+
+
+def test_a_new_run_sets_the_old_final_aside_and_one_seed_gives_one_lora_run(tmp_path, monkeypatch):
+    from tracerl.build import build_model
+    from tracerl.config import ModelConfig, PeftSection
+
+    monkeypatch.chdir(tmp_path)  # model.path relative, as in the shipped recipes
+    tiny_dir = tmp_path / "tiny"
+    build_tiny_model("llama").save_pretrained(str(tiny_dir))
+    cfg = SFTConfig(sft=SFTSection(max_completion_length=4), optimizer=OptimizerConfig(learning_rate=1e-2),
+                    trainer=TrainerConfig(max_steps=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "o"),
+                                          logging_steps=1000))
+    peft = PeftSection(r=4, lora_dropout=0.1)
+    runs = [train_sft(build_model(ModelConfig(path="tiny"), peft, seed=7), ROWS, cfg) for _ in range(2)]
+    assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]  # LoRA init and dropout from the seed
+    assert (tmp_path / "o" / "final.prev-1" / "adapter_config.json").is_file()  # the first run's, set aside
+    train_sft(build_model(ModelConfig(path=str(tiny_dir))), ROWS, cfg)  # a full fine-tune into the same place
+    final = tmp_path / "o" / "final"
+    assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
+    import json
+    adapter = json.loads((tmp_path / "o" / "final.prev-1" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_dir.resolve())  # loadable from any directory
+
+
+def test_eval_keys_in_an_sft_recipe_are_refused():
+    from tracerl.config import DataConfig
+
+    with pytest.raises(UserError, match=r"data.eval_files: `tracerl sft` runs no evaluation"):
+        SFTConfig(data=DataConfig(train_files=["x.jsonl"], eval_files=["y.jsonl"])).validate()

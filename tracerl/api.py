@@ -196,7 +196,7 @@ class TraceRLTrainer:
             check_reward_columns(rewards, eval_rows, "eval_dataset")
         local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
         backend = make_backend(config, local_rank)  # before the model loads: "cuda" then means this rank's GPU
-        self.model = _model(model, self.args.model_init_kwargs, peft_config)
+        self.model = _model(model, self.args.model_init_kwargs, peft_config, self.args.seed)
         if processing_class is not None:
             self.model.tokenizer = processing_class
         self.config = config
@@ -269,14 +269,14 @@ def _reward_set(reward_funcs: Any, args: Any, config: schema.RLConfig) -> Any:
         raise UserError(f"reward_funcs: {exc}") from None
 
 
-def _model(model: Any, init_kwargs: dict | None, peft_config: Any) -> Any:
+def _model(model: Any, init_kwargs: dict | None, peft_config: Any, seed: int) -> Any:
     """A DiffusionLM from a path (or the recipe's model section), with LoRA from a peft.LoraConfig (or the recipe's
-    peft section)."""
+    peft section), initialised from the run's seed."""
     from tracerl.build import build_model
     from tracerl.models import DiffusionLM
 
     if isinstance(model, schema.ModelConfig):  # the CLI: the recipe's sections
-        return build_model(model, peft_config if isinstance(peft_config, schema.PeftSection) else None)
+        return build_model(model, peft_config if isinstance(peft_config, schema.PeftSection) else None, seed=seed)
     if not isinstance(model, DiffusionLM):
         known = {"dtype", "device", "block_size", "mask_token_id", "trust_remote_code", "tokenizer"}
         kwargs = dict(init_kwargs or {})
@@ -289,7 +289,7 @@ def _model(model: Any, init_kwargs: dict | None, peft_config: Any) -> Any:
     if peft_config is not None:
         from tracerl.peft_utils import apply_lora_config
 
-        model = apply_lora_config(model, peft_config)
+        model = apply_lora_config(model, peft_config, seed=seed)
     return model
 
 

@@ -16,8 +16,10 @@ from tracerl.errors import UserError
 from tracerl.models import DiffusionLM, load_model
 
 
-def build_model(model_cfg: ModelConfig, peft: PeftSection | None = None, path: str | None = None) -> DiffusionLM:
-    """Load `path` (default model.path): a model directory, a TraceRL checkpoint, or a LoRA adapter directory."""
+def build_model(model_cfg: ModelConfig, peft: PeftSection | None = None, path: str | None = None,
+                seed: int = 0) -> DiffusionLM:
+    """Load `path` (default model.path): a model directory, a TraceRL checkpoint, or a LoRA adapter directory;
+    a new LoRA adapter (peft) is initialised from `seed` (the run's trainer.seed)."""
     source = resolve_checkpoint(path or model_cfg.path, key="model.path")
     options = dict(dtype=model_cfg.dtype, device=model_cfg.device, block_size=model_cfg.block_size,
                    mask_token_id=model_cfg.mask_token_id, trust_remote_code=model_cfg.trust_remote_code,
@@ -30,7 +32,7 @@ def build_model(model_cfg: ModelConfig, peft: PeftSection | None = None, path: s
     if peft is not None and peft.r:
         from tracerl.peft_utils import apply_lora
 
-        model = apply_lora(model, peft)
+        model = apply_lora(model, peft, seed=seed)
     return model
 
 

@@ -137,15 +137,22 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"sft.completion_column: column {column!r} not found in row "
                         f"{missing[0]}; columns found: {sorted(rows[missing[0]])}")
-    # a row without the column reads as null (a file whose rows differ), and str(None) would train on "None"
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r[column], (str, int, float))
-                or isinstance(r[column], bool)), None)
-    if bad is not None:
-        d = config.data
-        source = f"data.train_files {d.train_files}" if d.train_files else f"data.dataset_name {d.dataset_name!r}"
-        raise UserError(f"sft.completion_column: row {bad} of {source}: the completion in column {column!r} is "
-                        f"{rows[bad][column]!r}, not text")
-    model = build_model(config.model, config.peft)
+    # a row without the column reads as null (a file whose rows differ), and str(None) would train on "None"; a
+    # float has lost its text (a column mixing 27 and 2.5 reads 27 as 27.0, 10**21 as 1e+21); an empty cell (CSV)
+    # would train an answer of nothing but EOS
+    d = config.data
+    source = f"data.train_files {d.train_files}" if d.train_files else f"data.dataset_name {d.dataset_name!r}"
+    for i, r in enumerate(rows):
+        value = r[column]
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            why = ("a number whose text was lost on reading; store the completions as strings" if isinstance(
+                value, float) else "not text")
+            raise UserError(f"sft.completion_column: row {i} of {source}: the completion in column {column!r} is "
+                            f"{value!r}, {why}")
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"sft.completion_column: row {i} of {source}: the completion in column {column!r} is "
+                            "empty (a missing cell?); drop the row")
+    model = build_model(config.model, config.peft, seed=config.trainer.seed)
     history = train_sft(model, rows, config)
     print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}; model in "
           f"{config.trainer.output_dir}/final")

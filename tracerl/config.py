@@ -371,3 +371,9 @@ class SFTConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.sft, self.optimizer, self.trainer, self.peft, self.logging):
             section.validate()
+        unused = [f"data.{k}" for k, default in (("eval_files", []), ("eval_split", "test"), ("max_eval_samples", None))
+                  if getattr(self.data, k) != default]
+        if unused:  # SFT has no evaluation: these would be read by nothing
+            raise UserError(f"{', '.join(unused)}: `tracerl sft` runs no evaluation, so nothing would read "
+                            f"{'it' if len(unused) == 1 else 'them'}; remove {'it' if len(unused) == 1 else 'them'} "
+                            "(evaluate the result with `tracerl eval`)")

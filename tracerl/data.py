@@ -123,6 +123,10 @@ def _text_features(csv_file: str) -> Any:
 
     with open(csv_file, newline="") as f:
         header = next(csv.reader(f), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # pandas would keep one of them and drop the other's values without a word
+        raise UserError(f"data file {csv_file!r}: the header names column {repeated[0]!r} more than once; give "
+                        "every column its own name")
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 

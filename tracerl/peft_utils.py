@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import torch
 from torch import nn
 
 from tracerl.config import PeftSection
@@ -57,7 +58,7 @@ def resolve_targets(backbone: nn.Module, target_modules: list[str] | str) -> lis
     return sorted(suffixes)
 
 
-def apply_lora(model: DiffusionLM, peft_section: PeftSection) -> DiffusionLM:
+def apply_lora(model: DiffusionLM, peft_section: PeftSection, seed: int = 0) -> DiffusionLM:
     """Wrap the backbone in a LoRA peft model (in place; returns `model`). Only adapter weights are trainable."""
     from peft import LoraConfig
 
@@ -65,12 +66,13 @@ def apply_lora(model: DiffusionLM, peft_section: PeftSection) -> DiffusionLM:
         return model
     return apply_lora_config(model, LoraConfig(r=peft_section.r, lora_alpha=peft_section.lora_alpha,
                                                lora_dropout=peft_section.lora_dropout,
-                                               target_modules=peft_section.target_modules))
+                                               target_modules=peft_section.target_modules), seed=seed)
 
 
-def apply_lora_config(model: DiffusionLM, config: "LoraConfig") -> DiffusionLM:
+def apply_lora_config(model: DiffusionLM, config: "LoraConfig", seed: int = 0) -> DiffusionLM:
     """Wrap the backbone with a user's peft.LoraConfig (the Python API's peft_config); "all-linear" targets every
-    linear layer but the LM head, for every family."""
+    linear layer but the LM head, for every family. The adapter's random initialisation draws from `seed` alone
+    (the global generator is left as it was), so one seed gives one run."""
     from peft import get_peft_model
 
     if is_lora(model):
@@ -78,8 +80,11 @@ def apply_lora_config(model: DiffusionLM, config: "LoraConfig") -> DiffusionLM:
     config = copy.copy(config)
     config.target_modules = resolve_targets(model.backbone, sorted(config.target_modules)
                                             if isinstance(config.target_modules, set) else config.target_modules)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
-        model.backbone = get_peft_model(model.backbone, config)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model.backbone = get_peft_model(model.backbone, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise UserError(f"peft.target_modules: {exc}") from exc
     base = _base_path(model.backbone.get_base_model())
@@ -93,7 +98,8 @@ def _base_path(backbone: nn.Module) -> str | None:
     `_name_or_path`."""
     config = getattr(backbone, "config", None)
     path = getattr(config, "tracerl_source", None) or getattr(config, "_name_or_path", None)
-    return str(path) if path and Path(str(path)).is_dir() else None
+    # absolute: a relative path recorded in adapter_config.json would only resolve from the directory of the run
+    return str(Path(str(path)).resolve()) if path and Path(str(path)).is_dir() else None
 
 
 def merge_lora(model: DiffusionLM) -> DiffusionLM:

@@ -5,6 +5,10 @@ masked tokens weighted by 1 / t and averaged over response tokens:
 
     L = - E_t [ 1/t * sum_{j masked} log p(x_j | x_t) ] / |response|        (LLaDA's ELBO bound)
 
+The DiT families (MDLM, SEDD) train as their published trainers do: masked with 1 - exp(-sigma(t)) = (1 - eps) t
+of the loglinear schedule, the network told sigma(t) when it is time-conditioned, and (MDLM's SUBS) the [MASK]
+column left out of the softmax. A completion longer than sft.max_completion_length is refused, not cut.
+
 Full-attention models see the noised frame. Block-diffusion models train like they sample: one packed row
 `[prompt | clean response | noisy copy of every block]` where each noisy block sees the clean blocks before it
 (the same layout as the RL replay).
@@ -13,6 +17,7 @@ Full-attention models see the noised frame. Block-diffusion models train like th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -20,6 +25,9 @@ from transformers import get_scheduler
 
 from tracerl.config import SFTConfig
 from tracerl.data import PromptSampler
+from tracerl.errors import UserError
+from tracerl.models.dit import loglinear_sigma
+from tracerl.models.mdlm import MODEL_TYPE as MDLM_FAMILY
 from tracerl.models.base import DiffusionLM
 from tracerl.packing import pack_rows
 from tracerl.rollout.sampler import pad_prompts
@@ -33,12 +41,20 @@ def encode_rows(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTC
     from tracerl.models.prompting import format_prompt
 
     tok, m, L = model.tokenizer, config.model, config.sft.max_completion_length
-    prompts, responses = [], torch.full((len(rows), L), model.eos_token_id, dtype=torch.long)
+    prompts, responses, too_long = [], torch.full((len(rows), L), model.eos_token_id, dtype=torch.long), []
     for i, row in enumerate(rows):
         text = format_prompt(tok, row["prompt"], m.use_chat_template, m.system_prompt)
         prompts.append(tok(text, add_special_tokens=False)["input_ids"])
-        ids = tok(str(row[config.sft.completion_column]), add_special_tokens=False)["input_ids"][:L]
+        ids = tok(str(row[config.sft.completion_column]), add_special_tokens=False)["input_ids"]
+        if len(ids) > L:  # cut, it would lose its end and its EOS: the model would learn answers that never end
+            too_long.append((i, len(ids)))
+            continue
         responses[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    if too_long:
+        i, n = too_long[0]
+        raise UserError(f"sft.max_completion_length: the completion of row {i} is {n} tokens, longer than "
+                        f"sft.max_completion_length={L} ({len(too_long)} of {len(rows)} rows are; the longest has "
+                        f"{max(k for _, k in too_long)}); raise it or drop those rows")
     return prompts, responses
 
 
@@ -54,16 +70,24 @@ def masked_diffusion_loss(
     N, P = prompt_ids.shape
     L = response_ids.shape[1]
     t = eps + (1 - eps) * torch.rand(N, 1, generator=generator)  # [N, 1]
-    masked = torch.rand(N, L, generator=generator) < t  # [N, L]
+    move_chance, noise_level = t, None
+    noise_eps = getattr(model.config, "noise_eps", None)  # the DiT families (MDLM, SEDD): loglinear noise
+    if noise_eps is not None:  # their trainers mask with 1 - exp(-sigma(t)) and tell the network sigma(t)
+        move_chance = (1 - float(noise_eps)) * t  # [N, 1]; the weight dsigma / expm1(sigma) is still 1 / t
+        noise_level = loglinear_sigma(t[:, 0], float(noise_eps)).to(model.device)  # [N], unused unless conditioned
+    masked = torch.rand(N, L, generator=generator) < move_chance  # [N, L]
     noisy = torch.where(masked, model.mask_token_id, response_ids)
     key_padding = torch.cat([prompt_mask.long(), torch.ones(N, L, dtype=torch.long)], dim=1)
     dev = model.device
     if model.block_size is None:
         logits = model.logits(torch.cat([prompt_ids, noisy], 1).to(dev), key_padding.to(dev),
-                              keep=torch.arange(P, P + L, device=dev))  # [N, L, V]
+                              keep=torch.arange(P, P + L, device=dev), noise_level=noise_level)  # [N, L, V]
     else:
         logits = _block_logits(model, prompt_ids, prompt_mask, response_ids, noisy)
-    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), response_ids.to(dev).flatten(),
+    logits = logits.float()
+    if model.family == MDLM_FAMILY:  # SUBS: MDLM never predicts [MASK] (its published loss drops that column)
+        logits = logits.index_fill(-1, torch.tensor([model.mask_token_id], device=dev), float("-inf"))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), response_ids.to(dev).flatten(),
                                            reduction="none").view(N, L)
     loss = ((ce * masked.to(dev)) / t.to(dev)).sum() / (N * L)
     correct = (logits.argmax(-1).cpu() == response_ids) & masked
@@ -85,6 +109,8 @@ def train_sft(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTCon
     """Train `model` in place on `rows` (dicts with a prompt and config.sft.completion_column); save at the end
     to `<output_dir>/final`."""
     tr, o = config.trainer, config.optimizer
+    torch.manual_seed(tr.seed)  # dropout draws from the global generator
+    final = set_aside_previous_final(Path(tr.output_dir))
     # positions run to prompt + max_completion_length (the block-diffusion packing repeats the response positions):
     # a row past the model's maximum is refused by index before the first step, not partway through training
     check_prompts(model, rows, config.sft.max_completion_length, config.model.use_chat_template,
@@ -121,5 +147,21 @@ def train_sft(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTCon
         logger.log(step, sums)
     model.eval()
     logger.finish()
-    model.save_pretrained(f"{tr.output_dir}/final")
+    model.save_pretrained(str(final))
     return history
+
+
+def set_aside_previous_final(output_dir: Path) -> Path:
+    """output_dir/final, emptied of an earlier run first: it moves to final.prev-N/ (nothing is deleted), as an
+    RL run sets earlier checkpoints aside. Saved over in place, a LoRA run's adapter_config.json beside a later full
+    run's weights made loaders read the stale adapter."""
+    final = output_dir / "final"
+    if final.exists() and not final.is_dir():
+        raise UserError(f"trainer.output_dir: {str(final)!r} is a file; the model is saved there (move it away)")
+    if final.is_dir() and any(final.iterdir()):
+        n = 1
+        while (aside := output_dir / f"final.prev-{n}").exists():
+            n += 1
+        final.rename(aside)
+        print(f"[sft] {final} held an earlier run's model: moved to {aside.name}/", flush=True)
+    return final
