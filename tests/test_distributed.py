@@ -130,7 +130,7 @@ def test_lora_policy_and_value_adapters_equal_single_process(launch, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,steps", [("zero2", 2), ("zero2_lora", 2), ("zero3_resume", 3), ("zero3_lora", 2),
-                                        ("zero3_offload", 1), ("plain_data_parallel", 2)])
+                                        ("zero3_offload", 1), ("plain_data_parallel", 2), ("zero3_mini_batches", 2)])
 def test_ranks_hold_identical_weights_after_every_step(launch, name, steps):
     rank0, rank1 = scenario(launch, name)
     assert len(rank0["checksums"]) == steps
@@ -138,6 +138,12 @@ def test_ranks_hold_identical_weights_after_every_step(launch, name, steps):
     assert len(set(rank0["checksums"])) == steps  # every step changed the weights
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in rank0["full"])
     assert [m["reward"] for m in rank0["full"]] == [m["reward"] for m in rank1["full"]]  # metrics are global
+
+
+def test_zero3_mini_batches_step_twice_per_epoch(launch):
+    rank0, _ = scenario(launch, "zero3_mini_batches")
+    assert rank0["lr_steps"] == 2 * 2 * 2  # RL steps x PPO epochs x optimizer steps per epoch
+    assert all(m["kl"] > 0 for m in rank0["full"])  # the second epoch's policy has moved from the old one
 
 
 @pytest.mark.slow

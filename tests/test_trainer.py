@@ -229,3 +229,48 @@ def test_bad_dllm_rl_settings_name_the_key(tmp_path):
                      ({"trained_pad_tokens": -1}, "trained_pad_tokens")]:
         with pytest.raises(UserError, match=f"algorithm.{key}"):
             make_config(tmp_path, False, algorithm=alg).validate()
+
+
+def test_steps_per_generation_takes_one_optimizer_step_per_mini_batch_as_trl(tmp_path):
+    """8 completions per RL step, an optimizer step every 4 (TRL's steps_per_generation = 2 x accumulation): the
+    first step is exactly a 4-completion run's step on the same first prompt (same seeds, the loss normalised over
+    its own mini-batch), and a second step follows within the same RL step."""
+    cfg_a = make_config(tmp_path, False, trainer={"per_device_train_batch_size": 4, "steps_per_generation": 2,
+                                                  "max_steps": 1})
+    def recording(trainer):  # the gradients each optimizer step is given
+        grads, step = [], trainer.policy.step
+
+        def record(max_grad_norm):
+            grads.append([p.grad.clone() for p in trainer.model.parameters() if p.grad is not None])
+            return step(max_grad_norm)
+
+        trainer.policy.step = record
+        return grads
+
+    a = RLTrainer(cfg_a, tiny(False), distinct_chars, ROWS)
+    grads_a = recording(a)
+    a.train_step()
+    assert len(grads_a) == 2 and a.scheduler.last_epoch == 2
+    b = RLTrainer(make_config(tmp_path / "b", False, trainer={"per_device_train_batch_size": 4, "max_steps": 1}),
+                  tiny(False), distinct_chars, ROWS)
+    grads_b = recording(b)
+    b.train_step()
+    assert len(grads_b) == 1
+    for ga, gb in zip(grads_a[0], grads_b[0]):  # its own normalisation: a whole-batch one would halve it
+        torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-4)
+    assert any(not torch.allclose(g, h) for g, h in zip(grads_a[0], grads_a[1]))
+
+
+def test_kl_against_the_old_policy_needs_no_reference_and_acts_once_the_policy_has_stepped(tmp_path):
+    cfg = make_config(tmp_path, False, algorithm={"beta": 0.5, "kl_against": "old", "num_iterations": 2})
+    trainer = RLTrainer(cfg, tiny(False), distinct_chars, ROWS)
+    assert trainer.ref_model is None
+    epochs = []
+    epoch = trainer._epoch
+    trainer._epoch = lambda *args: epochs.append(epoch(*args)) or epochs[-1]
+    trainer.train_step()
+    assert epochs[0]["kl"] == 0.0 and epochs[1]["kl"] > 0.0  # zero until the first update moved the policy
+    with pytest.raises(UserError, match="kl_against=old does not go with algorithm.estimator=wd1"):
+        make_config(tmp_path, False, algorithm={"beta": 0.1, "kl_against": "old", "estimator": "wd1"}).validate()
+    with pytest.raises(UserError, match="trainer.steps_per_generation=3 is not a multiple of"):
+        make_config(tmp_path, False, trainer={"steps_per_generation": 3, "gradient_accumulation_steps": 2}).validate()

@@ -15,6 +15,7 @@
 
 `TraceRLConfig` is flat, like GRPOConfig, with GRPOConfig's field names where the meaning is the same
 (output_dir, learning_rate, max_steps, num_generations, per_device_train_batch_size, gradient_accumulation_steps,
+steps_per_generation,
 max_completion_length, temperature, top_p, top_k, beta, epsilon, epsilon_high, num_iterations, scale_rewards,
 reward_weights, report_to, run_name, logging_steps, save_steps, save_total_limit, eval_steps, seed, deepspeed, ...)
 and the diffusion / TraceRL names of the YAML recipes (steps, block_length, remasking, threshold, estimator,
@@ -49,6 +50,7 @@ FIELDS: dict[str, str] = {
     "estimator": "algorithm.estimator", "shrink": "algorithm.shrink", "p_mask_prompt": "algorithm.p_mask_prompt",
     "policy_loss": "algorithm.loss_type", "epsilon": "algorithm.epsilon", "epsilon_high": "algorithm.epsilon_high",
     "log_ratio_clamp": "algorithm.log_ratio_clamp", "beta": "algorithm.beta", "kl_estimator": "algorithm.kl_estimator",
+    "kl_against": "algorithm.kl_against",
     "loss_aggregation": "algorithm.loss_aggregation", "scale_rewards": "algorithm.scale_rewards",
     "drop_zero_std_groups": "algorithm.drop_zero_std_groups", "old_logprobs": "algorithm.old_logprobs",
     "pass_rate_filter": "algorithm.pass_rate_filter", "trained_pad_tokens": "algorithm.trained_pad_tokens",
@@ -69,6 +71,7 @@ FIELDS: dict[str, str] = {
     "max_steps": "trainer.max_steps", "num_generations": "trainer.num_generations",
     "per_device_train_batch_size": "trainer.per_device_train_batch_size",
     "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+    "steps_per_generation": "trainer.steps_per_generation",
     "replay_batch_size": "trainer.replay_batch_size", "seed": "trainer.seed", "output_dir": "trainer.output_dir",
     "save_steps": "trainer.save_steps", "save_total_limit": "trainer.save_total_limit",
     "logging_steps": "trainer.logging_steps", "eval_steps": "trainer.eval_steps",

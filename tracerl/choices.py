@@ -14,6 +14,7 @@ CacheMode = Literal["none", "prefix", "dual", "elastic"]
 DriftAxis = Literal["heads", "keys"]
 LossType = Literal["ppo", "reinforce", "wd1"]
 KLKind = Literal["k1", "k2", "k3"]
+KLAgainst = Literal["reference", "old"]
 Aggregation = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant", "microbatch-token-mean",
                       "microbatch-sum"]
 ScaleRewards = Literal["group", "group-population", "batch", "none"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_models.loader import RewardSpec
-from tracerl.choices import (Aggregation, DType, KLKind, LossType, OldLogprobs, OnError, RolloutCorrection,
+from tracerl.choices import (Aggregation, DType, KLAgainst, KLKind, LossType, OldLogprobs, OnError, RolloutCorrection,
                              ScaleRewards, ValueOutcome)
 from tracerl.errors import UserError
 from tracerl.rollout.config import RolloutConfig
@@ -146,8 +146,11 @@ class AlgorithmConfig:
     epsilon: float = 0.2  # PPO clip: ratio kept in [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None = epsilon
     log_ratio_clamp: float = 20.0  # |log ratio| is clamped before exp for stability
-    beta: float = 0.0  # KL coefficient against the frozen reference policy (0 = no reference model)
+    beta: float = 0.0  # KL coefficient (0 = no KL term, and no reference model)
     kl_estimator: KLKind = "k3"  # k1 | k2 | k3
+    kl_against: KLAgainst = "reference"  # reference (the frozen start policy: TRL, d1) | old (the policy before
+    #   this RL step's update, dLLM-RL's: no reference model; nonzero only once the policy has stepped, i.e. with
+    #   trainer.steps_per_generation or num_iterations > 1)
     loss_aggregation: Aggregation | None = None  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO) |
     #   microbatch-token-mean (d1, coupled: sum(m l) / sum(m) per micro-batch) | microbatch-sum (wd1); unset: the
     #   estimator's (trace: token-mean)
@@ -203,6 +206,9 @@ class AlgorithmConfig:
             raise UserError("algorithm.rollout_correction=tis needs algorithm.estimator=trace, algorithm.shrink=1 and "
                             "algorithm.old_logprobs=recompute: it weighs the replay's old log-prob against the "
                             "sampler's, token by token on the states the sampler visited")
+        if self.kl_against == "old" and self.beta > 0 and self.estimator == "wd1":
+            raise UserError("algorithm.kl_against=old does not go with algorithm.estimator=wd1: wd1 keeps no old "
+                            "log-probs (its objective has no ratio)")
         if self.pass_rate_filter is not None:
             band = self.pass_rate_filter
             if len(band) != 2 or not all(math.isfinite(v) for v in band) or band[0] > band[1]:
@@ -247,6 +253,10 @@ class TrainerConfig:
     per_device_train_batch_size: int = 8  # completions per device per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step; completions per device per RL step =
     #   per_device_train_batch_size * gradient_accumulation_steps (a multiple of num_generations)
+    steps_per_generation: int | None = None  # TRL's: micro-batches per RL step; completions per device per RL
+    #   step = per_device_train_batch_size * steps_per_generation, an optimizer step every
+    #   gradient_accumulation_steps of them (steps_per_generation / gradient_accumulation_steps optimizer steps per
+    #   PPO epoch, each normalising its own loss); None = gradient_accumulation_steps (one step per epoch)
     replay_batch_size: int = 0  # training rows per forward inside a micro-batch (0 = all at once; a memory knob)
     seed: int = 0  # seeds prompt order, rollouts and random masks (each rank offsets it)
     output_dir: str = "outputs/run"  # checkpoints, metrics.jsonl and W&B files go here
@@ -264,11 +274,25 @@ class TrainerConfig:
         _non_negative("trainer", replay_batch_size=self.replay_batch_size, save_steps=self.save_steps,
                       eval_steps=self.eval_steps)
         _check_seed(self.seed)
-        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        _positive("trainer", steps_per_generation=self.steps_per_generation)
+        if self.steps_per_generation is not None and self.steps_per_generation % self.gradient_accumulation_steps:
+            raise UserError(f"trainer.steps_per_generation={self.steps_per_generation} is not a multiple of "
+                            f"trainer.gradient_accumulation_steps={self.gradient_accumulation_steps} (an optimizer "
+                            "step takes gradient_accumulation_steps micro-batches)")
+        micro = "steps_per_generation" if self.steps_per_generation else "gradient_accumulation_steps"
+        per_step = self.per_device_train_batch_size * self.micro_batches_per_step
         if per_step % self.num_generations:
             raise UserError(
-                f"trainer.per_device_train_batch_size x trainer.gradient_accumulation_steps = {per_step} completions "
+                f"trainer.per_device_train_batch_size x trainer.{micro} = {per_step} completions "
                 f"per step is not a multiple of trainer.num_generations={self.num_generations}")
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.micro_batches_per_step // self.gradient_accumulation_steps
 
 
 @dataclass

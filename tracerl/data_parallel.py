@@ -32,10 +32,12 @@ def reward_stats(backend: Any, rewards: torch.Tensor) -> dict[str, float]:
             "reward_std": finite.std().item() if finite.numel() > 1 else 0.0}
 
 
-def pad_to_largest(backend: Any, slices: list[slice]) -> list[tuple[slice, bool]]:
-    """(slice, is_padding): `slices` plus repeats of the last one up to the largest count over ranks."""
+def pad_to_largest(backend: Any, slices: list[slice], filler: slice | None = None) -> list[tuple[slice, bool]]:
+    """(slice, is_padding): `slices` plus repeats of the last one (of `filler` when there is none) up to the
+    largest count over ranks."""
     count = int(backend.all_reduce(torch.tensor(len(slices)), op="max"))
-    return [(sl, False) for sl in slices] + [(slices[-1], True)] * (count - len(slices))
+    pad = slices[-1] if slices else filler
+    return [(sl, False) for sl in slices] + [(pad, True)] * (count - len(slices))
 
 
 def sum_over_ranks(backend: Any, sums: dict[str, float]) -> dict[str, float]:

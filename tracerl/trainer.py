@@ -70,9 +70,10 @@ class RLTrainer:
                           config.model.system_prompt, what)
         # model copies (value body, reference) are made before any engine partitions the policy's parameters
         self.value_model = ValueModel.from_policy(model) if alg.use_value_model else None
-        spec = EngineSpec(completions_per_step(tr), config.optimizer.max_grad_norm,
+        spec = EngineSpec(tr.per_device_train_batch_size * tr.gradient_accumulation_steps,  # per optimizer step
+                          config.optimizer.max_grad_norm,
                           getattr(model.config, "hidden_size", None))
-        ref = self._reference_model() if alg.beta > 0 else None
+        ref = self._reference_model() if alg.beta > 0 and alg.kl_against == "reference" else None
         self.ref_model = None if ref is None else self.backend.prepare_frozen(ref, spec)
         self._prepare_trainables(spec)
         self.sampler = PromptSampler(len(train_rows), seed=tr.seed)
@@ -106,7 +107,8 @@ class RLTrainer:
         self.optimizer = self.policy.optimizer
         # the value lr stays constant (group 1 of the joint engine), as with its own optimizer
         self.scheduler = make_scheduler(self.optimizer, o.lr_scheduler_type, o.warmup_ratio,
-                                        tr.max_steps * alg.num_iterations, constant_groups=(1,) if self.joint else ())
+                                        tr.max_steps * alg.num_iterations * tr.optimizer_steps_per_epoch,
+                                        constant_groups=(1,) if self.joint else ())
         self.value, self.critic = None, None
         if vm is not None:
             self.value = self.policy if self.joint else self.backend.prepare(
@@ -358,18 +360,24 @@ class RLTrainer:
             out.append(slice(first, b))
         return out
 
-    def _slices(self, replay: ReplayBatch) -> list[tuple[slice, bool]]:
-        """(slice, is_padding) pairs: the micro slices, padded with repeats up to the largest count over ranks.
-        Under ZeRO every forward (stage 3) and backward (stages 2-3) communicates, so all ranks must run the
-        same number; a padding chunk is run with zero loss weight and its outputs are dropped."""
-        return dp.pad_to_largest(self.backend, self._micro_slices(replay))
+    def _slices(self, replay: ReplayBatch) -> list[list[tuple[slice, bool]]]:
+        """Per optimizer step of an epoch, (slice, is_padding) pairs: the micro slices of its micro-batches,
+        padded with repeats up to the largest count over ranks. Under ZeRO every forward (stage 3) and backward
+        (stages 2-3) communicates, so all ranks must run the same number; a padding chunk is run with zero loss
+        weight and its outputs are dropped."""
+        tr = self.config.trainer
+        micro = self._micro_slices(replay)
+        per_step = tr.per_device_train_batch_size * tr.gradient_accumulation_steps  # completions per optimizer step
+        owner = [int(replay.source_row[sl.start]) // per_step for sl in micro]  # the optimizer step of each slice
+        return [dp.pad_to_largest(self.backend, [sl for sl, o in zip(micro, owner) if o == m], filler=micro[0])
+                for m in range(tr.optimizer_steps_per_epoch)]
 
     def _token_pass(self, replay: ReplayBatch, num_sequences: int,
                     fn: Callable[[ReplayBatch, slice], torch.Tensor]) -> torch.Tensor:
         """A no-grad pass `fn(rows, slice) -> [r, T]` over the replay, in token space: [N, L] scores (CPU)."""
         out = torch.zeros(num_sequences, replay.response_length)
         with torch.no_grad():
-            for sl, pad in self._slices(replay):
+            for sl, pad in (chunk for step in self._slices(replay) for chunk in step):
                 batch = replay.slice(sl)
                 values = fn(batch, sl)
                 if not pad:
@@ -393,13 +401,19 @@ class RLTrainer:
                               for j in range(1, alg.num_iterations)]
         loss_mask = traj.completion_mask() if est.completion_loss_mask else traj.action_mask
         mask = loss_mask & adv.token_mask  # [N, L]
-        microbatch = torch.arange(N) // tr.per_device_train_batch_size
-        # weights over the WHOLE batch: micro-batches then sum to exactly the full-batch loss
-        weights = losses.token_weights(mask, alg.loss_aggregation, torch.where(mask, train_step, -1),
-                                       microbatch=microbatch, all_reduce=self.all_reduce)
+        microbatch = torch.arange(N) // tr.per_device_train_batch_size  # [N]
+        minibatch = microbatch // tr.gradient_accumulation_steps  # [N] the optimizer step that trains the row
+        step_ids = torch.where(mask, train_step, -1)
+        # weights over each optimizer step's WHOLE batch (every micro-batch and rank): its micro-batches then sum
+        # to exactly that step's loss; one step per epoch unless trainer.steps_per_generation asks for more
+        weights = torch.zeros(mask.shape, dtype=torch.float32)
+        for m in range(tr.optimizer_steps_per_epoch):  # the same count on every rank (the counts all-reduce)
+            rows = minibatch == m
+            weights[rows] = losses.token_weights(mask[rows], alg.loss_aggregation, step_ids[rows],
+                                                 microbatch=microbatch[rows], all_reduce=self.all_reduce)
         state = UpdateState(mask=mask, advantages=adv.advantages, weights=weights, returns=adv.returns,
                              old_values=old_values)
-        state.ref = self._reference_scores(traj, replays) if alg.beta > 0 else None
+        state.ref = self._reference_scores(traj, replays) if alg.beta > 0 and alg.kl_against == "reference" else None
         state.old = self._old_scores(traj, replays)
         if alg.estimator == "trace" and alg.shrink == 1:  # trace rows replay the sampler's own states
             state.behaviour, state.top1 = traj.behaviour_logprob, traj.behaviour_top1
@@ -434,8 +448,11 @@ class RLTrainer:
         if alg.old_logprobs == "rollout":
             return [traj.behaviour_logprob] * len(replays)
         out: list[torch.Tensor | None] = []
+        # the first epoch's gradient pass runs the pre-update weights only while nothing has stepped: with several
+        # optimizer steps per epoch, or dropout, the old scores get their own eval-mode pass
+        own_pass = has_dropout(self.model) or self.config.trainer.optimizer_steps_per_epoch > 1
         for epoch, rows in enumerate(replays):
-            if rows is replays[0] and not (epoch == 0 and has_dropout(self.model)):
+            if rows is replays[0] and not (epoch == 0 and own_pass):
                 out.append(out[0] if epoch else None)  # the first epoch's (filled in by its gradient pass)
                 continue
             out.append(self._token_pass(rows, traj.num_sequences, lambda b, sl: self._token_logprobs(
@@ -449,28 +466,29 @@ class RLTrainer:
         parameter of the engine (stage 3 overwrites its gradient buffers on the first backward of a step and, with
         offload, hands them to the optimizer on the last), hence one summed backward when the LoRA value adapter
         shares the policy's engine."""
-        trainable.zero_grad()
         sums: dict[str, dict[str, float]] = {name: {} for name in objectives}
-        chunks = self._slices(replay)
-        for i, (sl, pad) in enumerate(chunks):
-            batch = replay.slice(sl)
-            outputs = trainable.run(lambda: [self._forward(name, batch) for name in objectives])
-            parts = [self._loss(name, state, batch, pad, out) for name, out in zip(objectives, outputs)]
-            loss = parts[0][0].loss
-            for out, _ in parts[1:]:
-                loss = loss + out.loss.to(loss.device)
-            trainable.backward(loss, boundary=i == len(chunks) - 1)
-            if not pad:
-                for name, (out, tokens) in zip(objectives, parts):
-                    accumulate(sums[name], out.metrics, tokens, out.loss.item() if name == "policy" else None)
+        norms = []
+        for chunks in self._slices(replay):  # one optimizer step each (trainer.steps_per_generation)
+            trainable.zero_grad()
+            for i, (sl, pad) in enumerate(chunks):
+                batch = replay.slice(sl)
+                outputs = trainable.run(lambda: [self._forward(name, batch) for name in objectives])
+                parts = [self._loss(name, state, batch, pad, out) for name, out in zip(objectives, outputs)]
+                loss = parts[0][0].loss
+                for out, _ in parts[1:]:
+                    loss = loss + out.loss.to(loss.device)
+                trainable.backward(loss, boundary=i == len(chunks) - 1)
+                if not pad:
+                    for name, (out, tokens) in zip(objectives, parts):
+                        accumulate(sums[name], out.metrics, tokens, out.loss.item() if name == "policy" else None)
+            norms.append(trainable.step(self.config.optimizer.max_grad_norm))
+            if trainable is self.policy:
+                self.scheduler.step()
         if "policy" in objectives:
             state.first_epoch_done()
-        grad_norm = trainable.step(self.config.optimizer.max_grad_norm)
-        if trainable is self.policy:
-            self.scheduler.step()
         self.model.eval()
         metrics = {k: v for name in objectives for k, v in self._finish(sums[name]).items()}
-        return {**metrics, "grad_norm": grad_norm} if "policy" in objectives else metrics
+        return {**metrics, "grad_norm": sum(norms) / len(norms)} if "policy" in objectives else metrics
 
     def _forward(self, objective: str, batch: ReplayBatch) -> Any:
         """The policy's (log-probs, entropy) in train mode, or the value model's values [r, T]; the value model
@@ -513,6 +531,8 @@ class RLTrainer:
             is_weights = torch.exp(old_tok - behaviour).clamp(max=alg.tis_cap)
         w = state.weights[idx].to(dev)
         ref = None if state.ref is None else state.ref[state.epoch][idx].to(dev)
+        if alg.beta > 0 and alg.kl_against == "old":  # dLLM-RL: the KL to the policy that started this RL step
+            ref = old_tok
         out = losses.policy_loss(
             lp_tok, old_tok, state.advantages[idx].to(dev), m,
             kind="reinforce" if alg.loss_type in ("reinforce", "wd1") else "ppo",
@@ -550,7 +570,8 @@ def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:
 
 
 def completions_per_step(tr: TrainerConfig) -> int:
-    return tr.per_device_train_batch_size * tr.gradient_accumulation_steps
+    """Completions per device per RL step (TRL: per_device_train_batch_size x steps_per_generation)."""
+    return tr.per_device_train_batch_size * tr.micro_batches_per_step
 
 
 SAMPLE_COLUMNS = ("prompt", "completion", "reward", "unmask_order")  # W&B's "completions" table, then log_extra's

@@ -275,6 +275,18 @@ def zero3_offload(out: Path) -> dict[str, Any]:
     return {"full": history, "checksums": sums}
 
 
+def zero3_mini_batches(out: Path) -> dict[str, Any]:
+    """ZeRO-3 with two optimizer steps per RL step (steps_per_generation = 2 x accumulation), a value model and
+    the KL against the pre-update policy: the ranks must step together and agree bit for bit."""
+    backend = make_backend(DistributedConfig(deepspeed=str(RECIPES / "zero3.json")))
+    cfg = make_config(str(RECIPES / "zero3.json"), out, per_device=2, ga=1,
+                      trainer={"steps_per_generation": 2},
+                      algorithm={"use_value_model": True, "beta": 0.05, "kl_against": "old", "num_iterations": 2})
+    trainer = RLTrainer(cfg, tiny(), distinct_chars, ROWS, backend=backend)
+    history, sums = run_with_checksums(trainer)
+    return {"full": history, "checksums": sums, "lr_steps": trainer.scheduler.last_epoch}
+
+
 def plain_data_parallel(out: Path) -> dict[str, Any]:
     """The launcher without a JSON config: DeepSpeed stage 0 (plain data parallel)."""
     backend = make_backend(DistributedConfig(deepspeed=None))
@@ -285,7 +297,7 @@ def plain_data_parallel(out: Path) -> dict[str, Any]:
 
 SCENARIOS = {f.__name__: f for f in (
     zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence,
-    zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel,
+    zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel, zero3_mini_batches,
 )}
 
 
