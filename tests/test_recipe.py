@@ -162,7 +162,7 @@ def test_validate_cli_exit_codes(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("trainer.resume_from_checkpoint=latest", "trainer.resume_from_checkpoint: unknown key"),
+    ("trainer.eval_steps=5", "trainer.eval_steps: unknown key"),
     ("distributed.deepspeed=recipes/deepspeed/zero2.json", "distributed: unknown key"),
     ("trainer.num_generations=4", "trainer.num_generations: unknown key"),
 ])

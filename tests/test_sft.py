@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tracerl.config import OptimizerConfig, SFTConfig, SFTSection, TrainerConfig
+from tracerl.config import OptimizerConfig, SFTConfig, SFTSection, SFTTrainerConfig, TrainerConfig
 from tracerl.errors import UserError
 from tracerl.models import build_tiny_model, load_model
 from tracerl.rollout import RolloutConfig, generate
@@ -116,3 +116,63 @@ def test_eval_keys_in_an_sft_recipe_are_refused():
 
     with pytest.raises(UserError, match=r"data.eval_files: `tracerl sft` runs no evaluation"):
         SFTConfig(data=DataConfig(train_files=["x.jsonl"], eval_files=["y.jsonl"])).validate()
+
+
+def test_an_interrupted_sft_run_resumes_exactly(tmp_path, monkeypatch):
+    """Checkpoints every 3 steps; a run killed at step 5 and resumed from `latest` ends with the uninterrupted
+    run's weights and metrics (row order, masks, dropout and optimizer state restored)."""
+    from tracerl import sft
+
+    def config(out):
+        return SFTConfig(sft=SFTSection(max_completion_length=4), optimizer=OptimizerConfig(learning_rate=1e-2),
+                         trainer=SFTTrainerConfig(max_steps=7, per_device_train_batch_size=8, output_dir=str(out),
+                                                  save_steps=3, logging_steps=1000))
+
+    def model():
+        m = build_tiny_model("mdlm", seed=0)
+        for module in m.backbone.modules():  # mdlm-owt's residual dropout, so the global RNG matters
+            if hasattr(module, "dropout") and isinstance(module.dropout, float):
+                module.dropout = 0.1
+        return m
+
+    whole = model()
+    full = train_sft(whole, ROWS, config(tmp_path / "whole"))
+    assert [p.name for p in sorted((tmp_path / "whole").glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6",
+                                                                                   "checkpoint-7"]
+    step = sft.SFTRun.train_step
+
+    def dies_at_5(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(sft.SFTRun, "train_step", dies_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(model(), ROWS, config(tmp_path / "cut"))
+    monkeypatch.setattr(sft.SFTRun, "train_step", step)
+    cfg = config(tmp_path / "cut")
+    cfg.trainer.resume_from_checkpoint = "latest"
+    resumed_model = model()
+    rest = train_sft(resumed_model, ROWS, cfg)
+    assert [h["loss"] for h in rest] == [h["loss"] for h in full[3:]]
+    for p, q in zip(whole.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    from tracerl.tracking import read_metrics
+    assert [m["step"] for m in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == list(range(1, 8))
+
+
+def test_an_sft_checkpoint_is_not_resumed_as_an_rl_run(tmp_path):
+    from tracerl.config import RLConfig
+    from tracerl.trainer import RLTrainer
+
+    cfg = SFTConfig(sft=SFTSection(max_completion_length=4),
+                    trainer=SFTTrainerConfig(max_steps=1, per_device_train_batch_size=4, output_dir=str(tmp_path / "s"),
+                                             save_steps=1))
+    train_sft(build_tiny_model("llama"), ROWS, cfg)
+    rl = RLConfig(rollout=RolloutConfig(max_completion_length=4, steps=4),
+                  trainer=TrainerConfig(max_steps=1, num_generations=2, per_device_train_batch_size=2,
+                                        output_dir=str(tmp_path / "r"),
+                                        resume_from_checkpoint=str(tmp_path / "s" / "checkpoint-1")))
+    with pytest.raises(UserError, match="checkpoint is an SFT run's, not an RL run's"):
+        RLTrainer(rl, build_tiny_model("llama"), lambda prompts, completions, **kw: [0.0] * len(prompts),
+                  ROWS[:2]).train()

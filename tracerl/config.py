@@ -301,12 +301,17 @@ class SFTTrainerConfig:
     per_device_train_batch_size: int = 8  # rows per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     seed: int = 0  # seeds the row order and the masks
-    output_dir: str = "outputs/sft"  # metrics.jsonl, W&B files and the final model (output_dir/final) go here
+    output_dir: str = "outputs/sft"  # metrics.jsonl, W&B files, checkpoints and the final model (output_dir/final)
     logging_steps: int = 1  # print a metrics line every N steps (metrics.jsonl gets every step)
+    save_steps: int = 0  # checkpoint every N steps, and at the end (0 = only the final model)
+    save_total_limit: int | None = None  # keep at most N checkpoints (oldest deleted first)
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir: continue exactly
 
     def validate(self) -> None:
         _positive("trainer", max_steps=self.max_steps, per_device_train_batch_size=self.per_device_train_batch_size,
-                  gradient_accumulation_steps=self.gradient_accumulation_steps, logging_steps=self.logging_steps)
+                  gradient_accumulation_steps=self.gradient_accumulation_steps, logging_steps=self.logging_steps,
+                  save_total_limit=self.save_total_limit)
+        _non_negative("trainer", save_steps=self.save_steps)
         _check_seed(self.seed)
 
 
@@ -381,7 +386,7 @@ class SFTSection:
 @dataclass
 class SFTConfig:
     """A masked-diffusion supervised fine-tuning run (warm starts, the demo model). Single process: RL-only keys
-    (a DeepSpeed config, resume_from_checkpoint, num_generations, ...) are unknown keys here, not silently
+    (a DeepSpeed config, num_generations, eval settings, ...) are unknown or refused keys here, not silently
     ignored ones."""
 
     model: ModelConfig = field(default_factory=ModelConfig)

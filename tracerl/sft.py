@@ -23,7 +23,10 @@ from typing import Any, Sequence
 import torch
 from transformers import get_scheduler
 
+from tracerl.checkpoint import (resume_if_asked, rng_state, save_checkpoint, set_aside_previous_run,
+                                set_rng_state)
 from tracerl.config import SFTConfig
+from tracerl.distributed import LocalBackend
 from tracerl.data import PromptSampler
 from tracerl.errors import UserError
 from tracerl.models.dit import loglinear_sigma
@@ -106,49 +109,102 @@ def _block_logits(model: DiffusionLM, prompt_ids, prompt_mask, response_ids, noi
 
 
 def train_sft(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTConfig) -> list[dict[str, float]]:
-    """Train `model` in place on `rows` (dicts with a prompt and config.sft.completion_column); save at the end
-    to `<output_dir>/final`."""
-    tr, o = config.trainer, config.optimizer
-    torch.manual_seed(tr.seed)  # dropout draws from the global generator
-    final = set_aside_previous_final(Path(tr.output_dir))
+    """Train `model` in place on `rows` (dicts with a prompt and config.sft.completion_column); checkpoints every
+    trainer.save_steps (resumable with trainer.resume_from_checkpoint, exactly), the model at the end in
+    `<output_dir>/final`. Returns this run's step metrics."""
     # positions run to prompt + max_completion_length (the block-diffusion packing repeats the response positions):
     # a row past the model's maximum is refused by index before the first step, not partway through training
     check_prompts(model, rows, config.sft.max_completion_length, config.model.use_chat_template,
                   config.model.system_prompt, "sft", length_key="sft.max_completion_length")
-    prompts, responses = encode_rows(model, rows, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
-                                  eps=o.adam_epsilon, weight_decay=o.weight_decay)
-    scheduler = get_scheduler(o.lr_scheduler_type, optimizer, num_warmup_steps=int(o.warmup_ratio * tr.max_steps),
-                              num_training_steps=tr.max_steps)
-    sampler = PromptSampler(len(rows), seed=tr.seed)
-    gen = torch.Generator().manual_seed(tr.seed)
-    logger = MetricsLogger(tr.output_dir, config.logging.report_to, project=config.logging.project,
-                           run_name=config.logging.run_name, logging_steps=tr.logging_steps)
-    history = []
-    model.train()
-    for step in range(1, tr.max_steps + 1):
+    return SFTRun(model, rows, config).train()
+
+
+class SFTRun:
+    """One SFT run: the model, optimizer, schedule, row order and mask generator, with the state_dict /
+    load_state_dict / engines the checkpoint module (tracerl/checkpoint.py) saves and resumes as it does an RL run."""
+
+    def __init__(self, model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTConfig):
+        tr, o = config.trainer, config.optimizer
+        torch.manual_seed(tr.seed)  # dropout draws from the global generator (a resumed run restores its state)
+        self.model, self.config, self.backend, self.step = model, config, LocalBackend(), 0
+        self.prompts, self.responses = encode_rows(model, rows, config)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                           eps=o.adam_epsilon, weight_decay=o.weight_decay)
+        self.scheduler = get_scheduler(o.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=int(o.warmup_ratio * tr.max_steps),
+                                       num_training_steps=tr.max_steps)
+        self.sampler = PromptSampler(len(rows), seed=tr.seed)
+        self.masks = torch.Generator().manual_seed(tr.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "masks": self.masks.get_state(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "masks" not in state:
+            raise UserError("the checkpoint is an RL run's, not an SFT run's; start SFT from its model/ directory "
+                            "(model.path) instead")
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.masks.set_state(state["masks"])
+        set_rng_state(state["rng"])
+
+    def engines(self) -> dict[str, Any]:
+        return {}
+
+    def train(self) -> list[dict[str, float]]:
+        tr, model = self.config.trainer, self.model
+        final = Path(tr.output_dir) / "final"
+        if final.exists() and not final.is_dir():  # found now, not after the training it would lose
+            raise UserError(f"trainer.output_dir: {str(final)!r} is a file; the model is saved there (move it away)")
+        resume_if_asked(self)
+        if self.step == 0:  # a fresh run: an earlier run's checkpoints and model are set aside, not mixed in
+            set_aside_previous_run(self)
+            set_aside_previous_final(Path(tr.output_dir))
+        logger = MetricsLogger(tr.output_dir, self.config.logging.report_to, project=self.config.logging.project,
+                               run_name=self.config.logging.run_name, logging_steps=tr.logging_steps,
+                               start_step=self.step)
+        history = []
+        model.train()
+        while self.step < tr.max_steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            logger.log(self.step, metrics)
+            if tr.save_steps and self.step % tr.save_steps == 0 and self.step < tr.max_steps:
+                model.eval()
+                save_checkpoint(self)
+                model.train()
+        model.eval()
+        logger.finish()
+        if tr.save_steps:
+            save_checkpoint(self)
+        set_aside_previous_final(Path(tr.output_dir))  # a resumed run's earlier final/, if it had one
+        model.save_pretrained(str(final))
+        return history
+
+    def train_step(self) -> dict[str, float]:
+        tr, o, model = self.config.trainer, self.config.optimizer, self.model
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for _ in range(tr.gradient_accumulation_steps):
-            idx = sampler.next(tr.per_device_train_batch_size)
-            p_ids, p_mask = pad_prompts([prompts[i] for i in idx], model.pad_token_id)
-            loss, metrics = masked_diffusion_loss(model, p_ids, p_mask, responses[idx], gen, config.sft.mask_eps)
+            idx = self.sampler.next(tr.per_device_train_batch_size)
+            p_ids, p_mask = pad_prompts([self.prompts[i] for i in idx], model.pad_token_id)
+            loss, metrics = masked_diffusion_loss(model, p_ids, p_mask, self.responses[idx], self.masks,
+                                                  self.config.sft.mask_eps)
             (loss / tr.gradient_accumulation_steps).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / tr.gradient_accumulation_steps
         if o.max_grad_norm:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        sums.update({"learning_rate": scheduler.get_last_lr()[0], "perf/step_seconds": time.perf_counter() - t0})
-        history.append(sums)
-        logger.log(step, sums)
-    model.eval()
-    logger.finish()
-    model.save_pretrained(str(final))
-    return history
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        sums.update({"learning_rate": self.scheduler.get_last_lr()[0], "perf/step_seconds": time.perf_counter() - t0})
+        return sums
 
 
 def set_aside_previous_final(output_dir: Path) -> Path:

@@ -152,6 +152,9 @@ class RLTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from tracerl.checkpoint import set_rng_state
 
+        if "masks" in state:  # tracerl.sft.SFTRun's
+            raise UserError("the checkpoint is an SFT run's, not an RL run's; start RL from its model/ directory "
+                            "(model.path) instead")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
