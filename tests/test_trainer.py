@@ -274,3 +274,43 @@ def test_kl_against_the_old_policy_needs_no_reference_and_acts_once_the_policy_h
         make_config(tmp_path, False, algorithm={"beta": 0.1, "kl_against": "old", "estimator": "wd1"}).validate()
     with pytest.raises(UserError, match="trainer.steps_per_generation=3 is not a multiple of"):
         make_config(tmp_path, False, trainer={"steps_per_generation": 3, "gradient_accumulation_steps": 2}).validate()
+
+
+def test_mini_batch_metrics_are_per_step_and_the_sampler_gap_is_measured_before_any_step(tmp_path):
+    """With two optimizer steps per RL step: the logged loss is the mean of the steps' losses (not their sum), and
+    rollout/* compares the sampler with the model it ran, not with the policy after the first step."""
+    base = {"per_device_train_batch_size": 4, "max_steps": 1}
+    runs = {}
+    for name, trainer_cfg, lr in [("one", {"gradient_accumulation_steps": 2}, 1e-12),
+                                  ("two", {"steps_per_generation": 2}, 1e-12),
+                                  ("two_fast", {"steps_per_generation": 2}, 3e-2)]:
+        cfg = make_config(tmp_path / name, False, trainer={**base, **trainer_cfg},
+                          algorithm={"loss_aggregation": "sequence-sum"}, optimizer={"learning_rate": lr})
+        runs[name] = RLTrainer(cfg, tiny(False), distinct_chars, ROWS).train_step()
+    assert runs["two"]["loss"] == pytest.approx(runs["one"]["loss"], rel=1e-5)
+    assert runs["two_fast"]["rollout/logprob_gap_mean"] < 1e-5  # exact sampler: no gap before the first step
+    assert runs["two_fast"]["rollout/greedy_mismatch"] == 0.0
+
+
+def test_sequence_sum_counts_only_the_groups_the_pass_rate_filter_keeps(tmp_path):
+    # dLLM-RL removes the filtered groups before batching: the normaliser is L x the sequences that remain
+    cfg = make_config(tmp_path, False, algorithm={"loss_aggregation": "sequence-sum", "pass_rate_filter": [0.2, 0.8]})
+    trainer = RLTrainer(cfg, tiny(False), frac_target, ROWS)
+    traj, rewards, train_step, replay = _scored_with(trainer, [1.0, 0, 0, 0, 1, 1, 1, 1])
+    adv, _ = trainer.assign_credit(traj, rewards, train_step, replay)
+    seen = {}
+    trainer._epoch = lambda trainable, objectives, rows, state: seen.update(w=state.weights) or {}
+    trainer.update(traj, train_step, replay, adv, None)
+    w = seen["w"]
+    assert torch.all(w[:4][adv.token_mask[:4]] == 1.0 / (traj.response_length * 4)) and not w[4:].any()
+
+
+def test_bad_mini_batch_and_kl_combinations_name_the_keys(tmp_path):
+    for sections, message in [
+        ({"trainer": {"steps_per_generation": 2}, "algorithm": {"loss_type": "reinforce"}},
+         "steps_per_generation > trainer.gradient_accumulation_steps needs algorithm.loss_type=ppo"),
+        ({"algorithm": {"beta": 0.1, "kl_against": "old"}}, "kl_against=old with one optimizer step"),
+        ({"algorithm": {"value_outcome": "group"}}, "value_outcome=group needs algorithm.use_value_model"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            make_config(tmp_path, False, **sections).validate()

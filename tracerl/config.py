@@ -220,6 +220,9 @@ class AlgorithmConfig:
         _positive("algorithm", tis_cap=self.tis_cap, value_clip=self.value_clip,
                   value_learning_rate=self.value_learning_rate)
         _non_negative("algorithm", epsilon_high=self.epsilon_high)
+        if self.value_outcome != "raw" and not self.use_value_model:
+            raise UserError(f"algorithm.value_outcome={self.value_outcome} needs algorithm.use_value_model: true (it "
+                            "is the reward the value model's GAE sees)")
         if self.use_value_model and self.estimator != "trace":
             raise UserError("algorithm.use_value_model needs algorithm.estimator=trace (values live on trace steps)")
 
@@ -368,6 +371,16 @@ class RLConfig:
             if not spec.fn:
                 raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "
                                 "file.py:function or a reward-model directory)")
+        alg, steps = self.algorithm, self.trainer.optimizer_steps_per_epoch
+        if steps > 1 and alg.loss_type == "reinforce":
+            raise UserError("trainer.steps_per_generation > trainer.gradient_accumulation_steps needs "
+                            "algorithm.loss_type=ppo: the later optimizer steps train on samples of an older policy, "
+                            "which REINFORCE has no ratio to correct")
+        if alg.kl_against == "old" and alg.beta > 0 and steps == 1 and alg.num_iterations == 1:
+            raise UserError("algorithm.kl_against=old with one optimizer step per rollout batch is always 0: the "
+                            "policy has not moved from the old one when the loss is taken; set "
+                            "trainer.steps_per_generation (several steps per batch) or algorithm.num_iterations > 1, "
+                            "or measure the KL against the reference (kl_against: reference)")
 
 
 @dataclass

@@ -54,6 +54,8 @@ class Advantages:
     returns: Tensor | None  # [N, L] float32 value targets (value-model path only), 0 outside token_mask
     token_mask: Tensor  # [N, L] bool, tokens that take part in the update
     metrics: dict[str, float] = field(default_factory=dict)
+    counted: Tensor | None = None  # [N] bool, rows the loss normalisers count (None: all); the groups outside
+    #   algorithm.pass_rate_filter are not, as dLLM-RL removes them before batching
 
 
 def _float_dtype(*tensors: Tensor) -> torch.dtype:

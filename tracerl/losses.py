@@ -85,7 +85,8 @@ def token_weights(
             raise ValueError("agg='step-mean' needs step_ids")
         valid = mask & (step_ids >= 0)
         step = torch.where(valid, step_ids, 0)
-        size, n = _group_sizes(seq_tok * (step.amax() + 1) + step, valid)  # key = (sequence, step)
+        top = step.amax() + 1 if step.numel() else 1  # no rows at all (an empty mini-batch): nothing to weigh
+        size, n = _group_sizes(seq_tok * top + step, valid)  # key = (sequence, step)
         w = 1.0 / (total(n) * size).clamp(min=1)
     elif agg in ("microbatch-token-mean", "microbatch-sum"):
         if microbatch is None:
@@ -102,7 +103,7 @@ def token_weights(
     elif agg in ("sequence-sum", "constant"):
         # an explicit constant is the global normaliser as given; by default L x every rank's sequences
         c = torch.tensor(float(constant), dtype=torch.float64) if constant is not None else (
-            length * total(int(seq.amax() + 1) if rows else 0))
+            length * total(int(seq.amax() + 1) if rows else 0)).clamp(min=1)  # no sequence anywhere: no weight
         if c <= 0:
             raise ValueError(f"aggregation constant must be > 0, got {float(c)}")
         w, valid = 1.0 / c, mask

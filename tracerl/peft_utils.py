@@ -80,7 +80,7 @@ def apply_lora_config(model: DiffusionLM, config: "LoraConfig", seed: int = 0) -
     config = copy.copy(config)
     config.target_modules = resolve_targets(model.backbone, sorted(config.target_modules)
                                             if isinstance(config.target_modules, set) else config.target_modules)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # this rank's GPU only
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)

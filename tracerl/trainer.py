@@ -292,7 +292,7 @@ class RLTrainer:
         group-normalised return-to-go to the group advantages, or sit on their steps in the GAE recursion."""
         alg = self.config.algorithm
         coef = alg.process_reward_coef if process is not None else 0.0
-        trained, kept = self._trained_tokens(traj, rewards)  # [N, L] the action tokens the loss may score
+        trained, kept, in_band = self._trained_tokens(traj, rewards)  # [N, L] the action tokens the loss may score
         if self.value_model is None:
             est = estimator_spec(alg.estimator)
             adv = credit.grpo_advantages(rewards, traj.group_id, trained, alg.scale_rewards,
@@ -305,6 +305,7 @@ class RLTrainer:
                 adv.token_mask = adv.token_mask | (trained & torch.isfinite(process).any(1)[:, None])
                 adv.advantages = torch.where(adv.token_mask, adv.advantages + coef * extra, 0.0)
             adv.metrics.update(kept)
+            adv.counted = in_band
             return adv, None
         values = self._token_pass(replay, traj.num_sequences, lambda b, sl: self.value_model(b))  # [N, L]
         scorable = torch.isfinite(rewards)
@@ -321,15 +322,18 @@ class RLTrainer:
         if alg.whiten_advantages:
             adv.advantages = credit.whiten(adv.advantages, adv.token_mask, all_reduce=self.all_reduce)
         adv.metrics.update(kept)
+        adv.counted = in_band
         return adv, values
 
-    def _trained_tokens(self, traj: Trajectory, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _trained_tokens(self, traj: Trajectory, rewards: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
         """[N, L] bool: the policy's action tokens, less the rows of groups outside algorithm.pass_rate_filter and
         the pad tokens past algorithm.trained_pad_tokens (dLLM-RL's post_num: counted in position order, the
         first N pad tokens of a completion stay trained). The replay still masks the dropped tokens in its input
-        states; they are only not scored. Also returns the share of rows the pass-rate filter kept (a metric)."""
+        states; they are only not scored. Also returns the share of rows the pass-rate filter kept (a metric) and
+        those rows [N] (None without the filter)."""
         alg = self.config.algorithm
-        trained, metrics = traj.action_mask, {}
+        trained, metrics, in_band = traj.action_mask, {}, None
         if alg.pass_rate_filter is not None:
             low, high = alg.pass_rate_filter
             in_band = credit.pass_rate_mask(rewards, traj.group_id, low, high)  # [N]
@@ -338,7 +342,7 @@ class RLTrainer:
         if alg.trained_pad_tokens is not None:
             is_pad = traj.response_ids == self.model.pad_token_id  # [N, L]
             trained = trained & ~(is_pad & (is_pad.long().cumsum(1) > alg.trained_pad_tokens))
-        return trained, metrics
+        return trained, metrics, in_band
 
     # ---- update ---------------------------------------------------------------------------------------------
     def _micro_slices(self, replay: ReplayBatch) -> list[slice]:
@@ -410,12 +414,17 @@ class RLTrainer:
         # weights over each optimizer step's WHOLE batch (every micro-batch and rank): its micro-batches then sum
         # to exactly that step's loss; one step per epoch unless trainer.steps_per_generation asks for more
         weights = torch.zeros(mask.shape, dtype=torch.float32)
-        for m in range(tr.optimizer_steps_per_epoch):  # the same count on every rank (the counts all-reduce)
-            rows = minibatch == m
+        counted = adv.counted if adv.counted is not None else torch.ones(N, dtype=torch.bool)
+        steps = tr.optimizer_steps_per_epoch
+        for m in range(steps):  # the same count on every rank (the counts all-reduce)
+            rows = (minibatch == m) & counted  # pass_rate_filter's dropped groups: as if never batched
             weights[rows] = losses.token_weights(mask[rows], alg.loss_aggregation, step_ids[rows],
                                                  microbatch=microbatch[rows], all_reduce=self.all_reduce)
+        # an optimizer step with no token to train anywhere is skipped (Adam's momentum would still move the weights)
+        per_step = torch.zeros(steps, dtype=torch.float64).index_add(0, minibatch.clamp(max=steps - 1),
+                                                                      (mask & counted[:, None]).sum(1).double())
         state = UpdateState(mask=mask, advantages=adv.advantages, weights=weights, returns=adv.returns,
-                             old_values=old_values)
+                             old_values=old_values, step_has_tokens=(self.all_reduce(per_step) > 0).tolist())
         state.ref = self._reference_scores(traj, replays) if alg.beta > 0 and alg.kl_against == "reference" else None
         state.old = self._old_scores(traj, replays)
         if alg.estimator == "trace" and alg.shrink == 1:  # trace rows replay the sampler's own states
@@ -471,7 +480,9 @@ class RLTrainer:
         shares the policy's engine."""
         sums: dict[str, dict[str, float]] = {name: {} for name in objectives}
         norms = []
-        for chunks in self._slices(replay):  # one optimizer step each (trainer.steps_per_generation)
+        for chunks, has_tokens in zip(self._slices(replay), state.step_has_tokens):  # one optimizer step each
+            if not has_tokens:  # (trainer.steps_per_generation); every rank agrees (the counts were all-reduced)
+                continue
             trainable.zero_grad()
             for i, (sl, pad) in enumerate(chunks):
                 batch = replay.slice(sl)
@@ -487,11 +498,13 @@ class RLTrainer:
             norms.append(trainable.step(self.config.optimizer.max_grad_norm))
             if trainable is self.policy:
                 self.scheduler.step()
+            state.stepped = state.stepped or "policy" in objectives
         if "policy" in objectives:
             state.first_epoch_done()
         self.model.eval()
-        metrics = {k: v for name in objectives for k, v in self._finish(sums[name]).items()}
-        return {**metrics, "grad_norm": sum(norms) / len(norms)} if "policy" in objectives else metrics
+        metrics = {k: v for name in objectives for k, v in self._finish(sums[name], max(len(norms), 1)).items()}
+        grad_norm = sum(norms) / len(norms) if norms else 0.0
+        return {**metrics, "grad_norm": grad_norm} if "policy" in objectives else metrics
 
     def _forward(self, objective: str, batch: ReplayBatch) -> Any:
         """The policy's (log-probs, entropy) in train mode, or the value model's values [r, T]; the value model
@@ -544,7 +557,8 @@ class RLTrainer:
             entropy=ent_tok if alg.entropy_coef else ent_tok.detach(), entropy_coef=alg.entropy_coef,
             is_weights=is_weights,
         )
-        if state.epoch == 0 and behaviour is not None and m.any():
+        # how far the sampler was from the model it ran: measured before the policy's first step has moved it
+        if state.epoch == 0 and not state.stepped and behaviour is not None and m.any():
             out.metrics.update(fidelity(lp_tok.detach(), behaviour, m, is_weights, batch, scores.top1,
                                          None if state.top1 is None else state.top1[idx].to(dev), N))
         return out, float(m.sum())
@@ -560,9 +574,9 @@ class RLTrainer:
                                 self.config.algorithm.value_clip, weights=torch.zeros_like(w) if pad else w)
         return out, float(m.sum())
 
-    def _finish(self, sums: dict[str, float]) -> dict[str, float]:
-        """Token-weighted means over every rank's chunks (the loss: the sum of the ranks' shares)."""
-        return finish(dp.sum_over_ranks(self.backend, sums))
+    def _finish(self, sums: dict[str, float], optimizer_steps: int) -> dict[str, float]:
+        """Token-weighted means over every rank's chunks (the loss: the sum of the ranks' shares, per step)."""
+        return finish(dp.sum_over_ranks(self.backend, sums), optimizer_steps)
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------

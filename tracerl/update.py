@@ -29,6 +29,8 @@ class UpdateState:
     behaviour: torch.Tensor | None = None  # [N, L] the sampler's log-probs, where the rows replay its states
     top1: torch.Tensor | None = None  # [N, L] the sampler's greedy choice at each committed position
     epoch: int = 0
+    stepped: bool = False  # the policy has taken an optimizer step in this RL step (its scores moved)
+    step_has_tokens: list[bool] | None = None  # per optimizer step of an epoch: any token to train on any rank
 
     pending: torch.Tensor | None = None  # [N, L] the first epoch's own scores, filled chunk by chunk
 
@@ -102,18 +104,19 @@ def _constant(_: int) -> float:
 
 
 def accumulate(sums: dict[str, float], metrics: dict[str, float], tokens: float, loss: float | None) -> None:
-    """Token-weighted running sums of per-chunk metric means."""
-    sums["__tokens"] = sums.get("__tokens", 0.0) + tokens
+    """Token-weighted running sums of per-chunk metric means, each over the tokens of the chunks that report it."""
     for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v * tokens
+        sums[f"__tokens/{k}"] = sums.get(f"__tokens/{k}", 0.0) + tokens
     if loss is not None:
         sums["__loss"] = sums.get("__loss", 0.0) + loss
 
 
-def finish(sums: dict[str, float]) -> dict[str, float]:
-    tokens = max(sums.pop("__tokens", 0.0), 1.0)
+def finish(sums: dict[str, float], optimizer_steps: int = 1) -> dict[str, float]:
+    """Means of the accumulated metrics; the loss is the mean over the optimizer steps of each step's loss (each
+    step's chunks sum to that step's loss)."""
     loss = sums.pop("__loss", None)
-    out = {k: v / tokens for k, v in sums.items()}
+    out = {k: v / max(sums.get(f"__tokens/{k}", 0.0), 1.0) for k, v in sums.items() if not k.startswith("__")}
     if loss is not None:
-        out["loss"] = loss
+        out["loss"] = loss / optimizer_steps
     return out
