@@ -2,11 +2,14 @@
 
 Standard library only (see jail/__init__.py). The harness itself runs no untrusted code: each case forks a
 child that redirects its file descriptors, applies the per-process limits and only then executes the
-program. The harness compares outputs and reports one JSON line per case on fd 1, so the child (which
-holds neither fd 1 nor the expected output) cannot write its own verdict. Assert-style cases pass only if
-the child writes a per-case random nonce to a private pipe after the asserts ran, so `os._exit(0)` or a
-crash cannot pass a case. A program that deliberately introspects its own process memory could find the
-nonce; that is a reward-integrity limit, not a host-safety one (docs/rewards.md).
+program. It reports one JSON line per case on fd 1, which the child does not hold. A forked child holds a copy
+of the harness's memory, so nothing secret may be in it: stdio cases arrive without their expected output (the
+trusted side, reward_models/sandbox.py, compares the full stdout the harness reports). Assert-style cases pass
+only if the child writes a per-case random nonce to a private pipe after the asserts ran, so a crash or a plain
+`os._exit(0)` cannot pass a case; but the nonce is in the child's memory, and a program that looks for it (two
+lines of frame introspection) can fake a pass: a reward-integrity limit, not a host-safety one (docs/rewards.md).
+The harness ignores SIGINT / SIGTERM (a program can signal it: same uid), survives a failed fork, and in its own
+PID namespace kills everything a case left running before the next case starts.
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ def _child_setup(fds: dict[str, int], limits: dict, block_sockets: bool) -> None
     resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the harness ignores them; the program gets the defaults
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.stdin = sys.__stdin__ = open(0, "r", closefd=False, encoding="utf-8", errors="replace")
     sys.stdout = sys.__stdout__ = open(1, "w", closefd=False, encoding="utf-8", errors="replace")
     sys.stderr = sys.__stderr__ = open(2, "w", closefd=False, encoding="utf-8", errors="backslashreplace")
@@ -169,7 +173,9 @@ def _killpg(pid: int) -> None:
         pass
 
 
-def _verdict(job: dict, case: dict, status: int, out: bytes, marker: bytes, nonce: bytes, why: str) -> str:
+def _verdict(job: dict, status: int, marker: bytes, nonce: bytes, why: str) -> str:
+    """pass | fail | error | killed | timeout | output_limit; "ran" for a stdio case that exited cleanly, whose
+    output the trusted side compares (the expected output never enters the sandbox)."""
     if why:
         return why
     if os.WIFSIGNALED(status):
@@ -178,7 +184,14 @@ def _verdict(job: dict, case: dict, status: int, out: bytes, marker: bytes, nonc
         return "error"
     if job["mode"] == "assert":
         return "pass" if marker == nonce else "fail"
-    return "pass" if outputs_match(out.decode("utf-8", "replace"), case["expected"]) else "fail"
+    return "ran"
+
+
+def _not_started(error: OSError) -> dict:
+    """A case whose process could not be forked: the previous case's leftovers hold every allowed pid (the
+    program's doing: it counts against the program, not the sandbox)."""
+    return {"status": "killed", "exit": None, "signal": None, "seconds": 0.0, "stdout": "",
+            "stderr": f"the test process could not start ({error.strerror}): too many processes left running"}
 
 
 def run_case(job: dict, case: dict, block_sockets: bool) -> dict:
@@ -190,13 +203,18 @@ def run_case(job: dict, case: dict, block_sockets: bool) -> dict:
     if job["mode"] == "assert":
         marker_r, fds["marker"] = os.pipe()
     t0 = time.monotonic()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as error:  # EAGAIN: the pids limit
+        for fd in (*fds.values(), out_r, *([marker_r] if marker_r is not None else [])):
+            os.close(fd)
+        return _not_started(error)
     if pid == 0:
         _child(job, case, fds, nonce, block_sockets)
     for key in ("stdin", "stdout", "marker"):
         if key in fds:
             os.close(fds[key])
-    cap = max(limits["max_output_bytes"], 4 * len(case.get("expected", "")))
+    cap = max(limits["max_output_bytes"], 4 * int(case.get("expected_bytes", 0)))
     out, marker, why = _collect(pid, out_r, marker_r, t0 + limits["case_timeout_s"], cap)
     _killpg(pid)
     if why:  # timed out or flooded stdout: the child itself may still run (it could have left its group)
@@ -209,12 +227,14 @@ def run_case(job: dict, case: dict, block_sockets: bool) -> dict:
     os.lseek(fds["stderr"], 0, os.SEEK_SET)
     err = os.read(fds["stderr"], 1 << 20)
     os.close(fds["stderr"])
+    verdict = _verdict(job, status, marker, nonce, why)
     return {
-        "status": _verdict(job, case, status, out, marker, nonce, why),
+        "status": verdict,
         "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         "seconds": round(seconds, 4),
-        "stdout": out[:HEAD].decode("utf-8", "replace"),
+        # the whole output (up to the cap) when the trusted side has to compare it, else its head
+        "stdout": (out if verdict == "ran" else out[:HEAD]).decode("utf-8", "replace"),
         "stderr": err[-HEAD:].decode("utf-8", "replace"),
     }
 
@@ -230,12 +250,32 @@ def _reap_orphans() -> None:
             return
 
 
-def run_cases(job: dict, out_fd: int, block_sockets: bool) -> None:
+def _kill_leftovers() -> None:
+    """In the harness's own PID namespace (it is pid 1 there): SIGKILL every other process, i.e. whatever a case
+    left running (a setsid'd daemon escapes its process group), so the next case starts with every pid free.
+    Never outside one: kill(-1) would reach every process of the user."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def run_cases(job: dict, out_fd: int, block_sockets: bool, own_pid_namespace: bool = False) -> None:
     """Run every case in order, writing one JSON line per case to out_fd."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a program can signal the harness (same uid): not fatal
+        signal.signal(sig, signal.SIG_IGN)
     out = io.open(out_fd, "w", closefd=False, encoding="utf-8")
     for i, case in enumerate(job["cases"]):
         report = run_case(job, case, block_sockets)
         report["case"] = i
         out.write(json.dumps(report) + "\n")
         out.flush()
+        if own_pid_namespace and os.getpid() == 1:
+            _kill_leftovers()
         _reap_orphans()

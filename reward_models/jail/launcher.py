@@ -146,7 +146,7 @@ def _init(job: dict, ns: set[str], cg: dict, workdir: str, host_mnt_ns: str) -> 
         os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                            "LANG": "C.UTF-8"})
         _emit(info)
-        harness.run_cases(job, 1, info["python_socket_block"])
+        harness.run_cases(job, 1, info["python_socket_block"], own_pid_namespace=info["pid1"])
         os._exit(0)
     except BaseException:  # noqa: BLE001 - any setup failure must be reported, never run the program anyway
         _emit({"type": "fatal", "error": traceback.format_exc(limit=5)})

@@ -312,3 +312,58 @@ def test_no_leftovers_after_runs():
 def test_layers_reported(layers):
     assert "uid" in layers or os.geteuid() != 0
     assert active_layers({"namespaces": ["net"], "uid": 64000, "seccomp": True}) == {"netns", "uid", "seccomp"}
+
+
+# ---- a program that attacks the harness's verdict or the run --------------------------------------------------
+PEEK_EXPECTED = """
+import sys
+f = sys._getframe()
+found = None
+while f is not None:  # walk up into the harness's frames, looking for the case or the job
+    for name in ("case", "job"):
+        v = f.f_locals.get(name)
+        if isinstance(v, dict):
+            found = v.get("expected") or [c.get("expected") for c in v.get("cases", [])]
+    f = f.f_back
+print(found if isinstance(found, str) else (found or [None])[0])
+"""
+
+
+def test_a_stdio_program_cannot_read_its_expected_output():
+    # the harness once held every case's expected output in the memory each test process is forked from
+    with Sandbox(CONFIG, num_workers=1) as sb:
+        result = sb.run(Program(PEEK_EXPECTED, "stdio", [{"input": "", "expected": "hidden-A"},
+                                                         {"input": "", "expected": "hidden-B"}]))
+    assert [c.status for c in result.cases] == ["fail", "fail"]
+    assert "hidden" not in result.cases[0].stdout
+
+
+INTERRUPT_THE_HARNESS = """
+import os, signal
+os.kill(1 if os.getpid() != 1 else os.getppid(), signal.SIGINT)  # the harness is pid 1 in its namespace
+os.kill(os.getppid(), signal.SIGTERM)
+print("OK")
+"""
+
+EXHAUST_PIDS = """
+import os, time
+if os.fork() == 0:
+    os.setsid()  # out of the case's process group: survives the case
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.01)
+print("OK")
+"""
+
+
+def test_a_program_cannot_stop_the_run_by_signalling_or_starving_the_harness(process_guard):
+    with Sandbox(CONFIG, num_workers=1) as sb:
+        result = sb.run(Program(INTERRUPT_THE_HARNESS, "stdio", [{"input": "", "expected": "OK"}] * 2))
+        assert [c.status for c in result.cases] == ["pass", "pass"]  # the harness ignored both signals
+        result = sb.run(Program(EXHAUST_PIDS, "stdio", [{"input": "", "expected": "OK"}] * 3))
+    assert len(result.cases) == 3 and result.cases[0].status in ("pass", "timeout", "killed")
+    assert all(c.status in ("pass", "killed", "timeout", "error") for c in result.cases)  # no SandboxError
+    time.sleep(0.2)
+    assert live_sandbox_processes() == []
