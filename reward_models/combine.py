@@ -35,6 +35,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,19 @@ def _slice(columns: dict, i: int, n: int) -> dict:
         sliceable = hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, (str, dict))
         out[key] = value[i:i + 1] if sliceable and len(value) == n else value
     return out
+
+
+def _restore_cwd(cwd: str, names: list[str]) -> None:
+    """A reward that changed the process's working directory would move every relative path of the run
+    (output_dir, checkpoints, save_total_limit's pruning) with it: change it back, and say which rewards ran."""
+    try:
+        now = os.getcwd()
+    except OSError:  # it moved into a directory and deleted it
+        now = "<a deleted directory>"
+    if now != cwd:
+        logger.warning("a reward of %s changed the working directory to %s; restored to %s",
+                       ", ".join(repr(name) for name in names), now, cwd)
+        os.chdir(cwd)
 
 
 def _to_float(value: Any) -> float | None:
@@ -309,9 +323,9 @@ class RewardSet:
                 values.append(f)
                 if steps is not None or tokens is not None:
                     process[offset + i] = (steps, tokens)
-            except (TypeError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - 10**400 (OverflowError), a __float__ that raises: the reward's
                 values.append(None)
-                errors[offset + i] = RewardError(name, str(e), offset + i)
+                errors[offset + i] = RewardError(name, str(e) or type(e).__name__, offset + i)
         return values, errors, process
 
     def _values(self, k: int, outcome: _Outcome | RewardError, n: int
@@ -371,6 +385,7 @@ class RewardSet:
         snapshot = private_copies({"prompts": prompts, "completions": completions, **columns})
         prompts, completions = snapshot.pop("prompts"), snapshot.pop("completions")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        cwd = os.getcwd()
         futures = [self._submit(k, (prompts, completions, snapshot), n) for k in range(len(self.fns))]
         table, found, processes = [], [], []
         for k, future in enumerate(futures):
@@ -379,6 +394,7 @@ class RewardSet:
             table.append(values)
             found.append(errors)
             processes.append(process)
+        _restore_cwd(cwd, self.names)
         first = next((e for errs in found for e in errs.values()), None)
         if first is not None and self.on_error == "raise":
             others = sum(len(errs) for errs in found) - 1

@@ -61,10 +61,22 @@ def _number(value: Any, what: str) -> float | None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real) and not hasattr(value, "__float__"):
         raise TypeError(f"{what} is {type(value).__name__} {value!r}, expected a float or None")
-    f = float(value)
+    try:
+        f = float(value)
+    except Exception as exc:  # noqa: BLE001 - 10**400 overflows, a user type's __float__ may raise anything
+        raise ValueError(f"{what} is {type(value).__name__} {_short(value)}, which does not convert to a float "
+                         f"({type(exc).__name__}: {exc})") from None
     if not math.isfinite(f):
         raise ValueError(f"{what} is {f}, which is not a finite number")
     return f
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__
+        return "<unprintable>"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def split_reward(value: Any) -> tuple[Any, list | None, list | None]:

@@ -314,3 +314,19 @@ def test_bad_mini_batch_and_kl_combinations_name_the_keys(tmp_path):
     ]:
         with pytest.raises(UserError, match=message):
             make_config(tmp_path, False, **sections).validate()
+
+
+def test_a_bare_reward_function_is_checked_like_a_reward_set(tmp_path):
+    from reward_models import RewardError
+
+    def short(prompts, completions, **kwargs):
+        return [0.5] * (len(completions) - 1)
+
+    def text(prompts, completions, **kwargs):
+        return ["0.9"] * len(completions)  # once read as 0.9 without a word
+
+    for fn, message in [(short, r"reward 'short' on all 8 samples.*returned 7 values"),
+                        (text, r"reward 'text' at sample 0: returned str '0.9'")]:
+        trainer = RLTrainer(make_config(tmp_path, False), tiny(False), fn, ROWS)
+        with pytest.raises(RewardError, match=message):
+            trainer.train_step()

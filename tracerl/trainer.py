@@ -59,7 +59,7 @@ class RLTrainer:
         eval_rows: Sequence[dict[str, Any]] | None = None,
     ):
         config = replace(config, algorithm=resolve_estimator(config.algorithm))  # unset estimator settings filled
-        self.config, self.model, self.reward_fn, self.rows = config, model, reward_fn, train_rows
+        self.config, self.model, self.reward_fn, self.rows = config, model, as_reward_set(reward_fn), train_rows
         self.eval_rows = eval_rows  # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
         self.backend = backend or LocalBackend()
         alg, tr = config.algorithm, config.trainer
@@ -584,6 +584,18 @@ def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:
     """A LoRA value adapter lives inside the policy's peft model; the policy optimizer must not own it."""
     vm = trainer.value_model
     return vm is not None and vm.adapter is not None and any(p is q for q in vm.trainable_parameters())
+
+
+def as_reward_set(reward_fn: Callable[..., Any]) -> Any:
+    """A bare TRL-style callable becomes a one-reward RewardSet, so its values are checked like every other
+    reward's (the count, finite numbers, not text), and an error names it and the sample."""
+    from reward_models.combine import RewardSet
+
+    if isinstance(reward_fn, RewardSet):
+        return reward_fn
+    if not callable(reward_fn):
+        raise UserError(f"reward_fn: expected a reward function or a RewardSet, got {type(reward_fn).__name__}")
+    return RewardSet([reward_fn])
 
 
 def completions_per_step(tr: TrainerConfig) -> int:

@@ -161,6 +161,19 @@ def string_at_1(prompts, completions, **kwargs):
     return [1.0, "high", 1.0]
 
 
+def huge_at_1(prompts, completions, **kwargs):
+    return [1.0, 10 ** 400, 1.0]  # float() raises OverflowError, not TypeError / ValueError
+
+
+class Unconvertible:
+    def __float__(self):
+        raise RuntimeError("boom")
+
+
+def unconvertible_at_2(prompts, completions, **kwargs):
+    return [1.0, 1.0, Unconvertible()]
+
+
 def sleeps(prompts, completions, **kwargs):
     time.sleep(1.5)
     return [1.0] * len(completions)
@@ -177,10 +190,12 @@ ERRORS = [  # (reward, timeout_s, message pattern, failing samples)
     (nan_at_2, None, r"reward 'nan_at_2' at sample 2: returned nan, which is not a finite number", [2]),
     (inf_at_0, None, r"reward 'inf_at_0' at sample 0: returned inf", [0]),
     (string_at_1, None, r"reward 'string_at_1' at sample 1: returned str 'high'", [1]),
+    (huge_at_1, None, r"reward 'huge_at_1' at sample 1: int too large to convert to float", [1]),
+    (unconvertible_at_2, None, r"reward 'unconvertible_at_2' at sample 2: boom", [2]),
     (sleeps, 0.3, r"reward 'sleeps' on all 3 samples.*timed out after 0.3s", [0, 1, 2]),
     (async_sleeps, 0.3, r"reward 'async_sleeps' on all 3 samples.*timed out after 0.3s", [0, 1, 2]),
 ]
-IDS = ["raises", "wrong_count", "nan", "inf", "wrong_type", "timeout", "async_timeout"]
+IDS = ["raises", "wrong_count", "nan", "inf", "wrong_type", "overflow", "bad_float", "timeout", "async_timeout"]
 
 
 @pytest.mark.parametrize("fn, timeout, pattern, bad", ERRORS, ids=IDS)
@@ -266,3 +281,17 @@ def test_bad_options():
         RewardSet([])
     with pytest.raises(ValueError, match="2 prompts for 3 completions"):
         RewardSet([ones])(["a", "b"], COMPLETIONS)
+
+
+def test_a_reward_that_changes_the_working_directory_is_undone(tmp_path, caplog):
+    import os
+
+    def wanders(prompts, completions, **kwargs):
+        os.chdir(tmp_path)  # the run's relative output_dir would follow it
+        return [1.0] * len(completions)
+
+    before = os.getcwd()
+    with caplog.at_level(logging.WARNING, logger="reward_models.combine"):
+        result = RewardSet([wanders])(PROMPTS, COMPLETIONS)
+    assert os.getcwd() == before and result.total.tolist() == [1.0, 1.0, 1.0]
+    assert "a reward of 'wanders' changed the working directory" in caplog.text
