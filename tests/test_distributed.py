@@ -60,12 +60,14 @@ def launch(tmp_path_factory) -> tuple[Path, str]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [*_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER), "--out", str(out)]
+    port = _free_port()
+    cmd = [*_launcher(), "--num_gpus", "2", "--master_port", str(port), str(WORKER), "--out", str(out)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
         log = proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         log = f"launch timed out after {LAUNCH_TIMEOUT_S}s\n{exc.stdout or ''}{exc.stderr or ''}"
+    (out / "master_port").write_text(str(port))
     return out, log
 
 
@@ -170,6 +172,16 @@ def test_zero3_checkpoint_resumes_exactly(launch, name, steps):
 
 
 # ---- single process: backend choice, DeepSpeed config filling, LoRA ---------------------------------------------
+@pytest.mark.slow
+def test_a_cpu_launch_leaves_no_shared_memory_behind(launch):
+    """DeepSpeed's CPU all-reduce maps a 67 MB /dev/shm file per rank and never removes it; the backend unlinks
+    its own once every rank has mapped them all."""
+    out, _ = launch
+    scenario(launch, "zero2")  # the launch ran
+    port = (out / "master_port").read_text()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def test_make_backend_is_local_without_a_config_or_launcher(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert isinstance(make_backend(DistributedConfig(deepspeed=None)), LocalBackend)

@@ -158,6 +158,22 @@ class EngineTrainable:
             raise UserError(f"{directory / tag}: no DeepSpeed checkpoint to resume from")
 
 
+def _unlink_shm_buffer(dist: Any) -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm file per rank (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
+    <rank>, 67 MB) and never removes it: every CPU run left 67 MB per rank in RAM-backed /dev/shm. Its
+    shm_initialize (inside init_distributed) returns only after opening every rank's file, so once all ranks pass
+    a barrier each can unlink its own; the mappings stay valid."""
+    port = os.environ.get("MASTER_PORT")
+    if port is None:
+        return
+    dist.barrier()
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{dist.get_rank()}"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 class DeepSpeedBackend:
     """The `deepspeed` launcher's processes (or a single process with a DeepSpeed config)."""
 
@@ -178,6 +194,8 @@ class DeepSpeedBackend:
         accel = get_accelerator()
         if accel.device_name() != "cpu":
             accel.set_device(local_rank)  # before any model is loaded: "cuda" then means this rank's GPU
+        else:
+            _unlink_shm_buffer(dist)
         self.device = torch.device(accel.device_name(local_rank))
         self.bf16_capable = accel.device_name() == "cuda" and accel.is_bf16_supported()
         self.config = ds_config
