@@ -9,8 +9,8 @@ exceeds `timeout_s` produces a RewardError naming the reward (and the sample, wh
   on_error="zero"   score the affected samples 0, count them in `reward_errors/<name>`, log a warning
 When a function raises on the batch, it is re-run one sample at a time to find the failing samples (their
 neighbours keep the values of those single-sample calls; list columns are sliced, other keyword arguments
-such as `trajectory` are passed whole). Sync rewards run each on its own daemon thread, async ones on one
-persistent event loop, all at once. A timed-out sync reward cannot be killed: its thread is abandoned, and being a
+such as `trajectory` are passed whole). Sync rewards run each on its own daemon thread, async ones each on its
+own persistent event loop, all at once. A timed-out sync reward cannot be killed: its thread is abandoned, and being a
 daemon thread it never keeps the process alive at exit; while `MAX_ABANDONED` of a reward's abandoned calls are
 still running, the reward is not called again (that call counts as timed out), so a reward that hangs on every
 call holds a bounded number of threads.
@@ -189,8 +189,8 @@ class RewardSet:
         self._accepts = [_accepted(fn) for fn in self.fns]
         self._async = [_is_async(fn) for fn in self.fns]
         self._abandoned: list[list[threading.Thread]] = [[] for _ in self.fns]  # timed-out sync calls
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
+        # reward index -> (its event loop, the daemon thread running it)
+        self._loops: dict[int, tuple[asyncio.AbstractEventLoop, threading.Thread]] = {}
 
     # --- calling one function -----------------------------------------------------------------------
     def _kwargs(self, k: int, prompts: list, completions: list, columns: dict) -> dict:
@@ -232,19 +232,20 @@ class RewardSet:
                     out.sample_errors[i] = e
         return out
 
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """One loop for the RewardSet's lifetime, so async clients cached by a reward stay usable."""
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="reward-async", daemon=True)
-            self._loop_thread.start()
-        return self._loop
+    def _event_loop(self, k: int) -> asyncio.AbstractEventLoop:
+        """Each async reward has its own loop for the RewardSet's lifetime: async clients a reward caches stay
+        usable, and one that blocks its loop (a sync sleep or request inside `async def`) delays only itself, so
+        the timeout names it rather than every async reward that shared the loop."""
+        if k not in self._loops:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name=f"reward-{self.names[k]}-async", daemon=True)
+            thread.start()
+            self._loops[k] = (loop, thread)
+        return self._loops[k][0]
 
-    def _stop_event_loop(self) -> None:
-        """Cancel what is still running (timed-out rewards) and let it unwind before closing the loop."""
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
+    def _stop_event_loops(self) -> None:
+        """Cancel what is still running (timed-out rewards) and let it unwind before closing each loop."""
+        loops, self._loops = self._loops, {}
 
         async def drain() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -252,18 +253,20 @@ class RewardSet:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        try:
-            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=5)
-        except Exception:  # noqa: BLE001 - a reward that ignores cancellation: stop regardless
-            pass
-        loop.call_soon_threadsafe(loop.stop)
-        self._loop_thread.join(timeout=5)
-        if not loop.is_running():
-            loop.close()
+        for loop, _ in loops.values():
+            try:
+                asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=5)
+            except Exception:  # noqa: BLE001 - a reward that ignores cancellation or blocks its loop: stop regardless
+                pass
+            loop.call_soon_threadsafe(loop.stop)
+        for loop, thread in loops.values():
+            thread.join(timeout=5)
+            if not loop.is_running():
+                loop.close()
 
     def _submit(self, k: int, args: tuple, n: int) -> cf.Future:
         if self._async[k]:
-            return asyncio.run_coroutine_threadsafe(self._task_async(k, *args), self._event_loop())
+            return asyncio.run_coroutine_threadsafe(self._task_async(k, *args), self._event_loop(k))
         future: cf.Future = cf.Future()
         self._abandoned[k] = [t for t in self._abandoned[k] if t.is_alive()]
         if len(self._abandoned[k]) >= MAX_ABANDONED:  # bounded: do not start yet another thread that may hang
@@ -451,9 +454,9 @@ class RewardSet:
                             token_rewards=self._process_table(processes, n, 1))
 
     def close(self) -> None:
-        """Stop the event loop and any sandbox / verifier processes the rewards started (abandoned sync calls run
+        """Stop the event loops and any sandbox / verifier processes the rewards started (abandoned sync calls run
         on daemon threads, which never hold up the interpreter's exit)."""
-        self._stop_event_loop()
+        self._stop_event_loops()
         for fn in self.fns:
             if hasattr(fn, "close"):
                 fn.close()

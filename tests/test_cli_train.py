@@ -188,3 +188,21 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_the_run(tmp_pa
         _check_writable(Path("/proc/tracerl-test/eval.jsonl"), "eval.output_file")
     _check_writable(tmp_path / "new" / "run", "trainer.output_dir", directory=True)
     assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())  # probe removed
+
+
+def test_a_thread_left_running_does_not_keep_the_finished_process_alive():
+    """A reward that starts a non-daemon thread and never stops it would hold the process at exit for ever; the
+    entry point waits a grace period, names the thread, and exits with the run's own code."""
+    program = ("import threading, time, tracerl.cli as cli\n"
+               "cli.EXIT_GRACE_S = 1.0\n"
+               "def run():\n"
+               "    threading.Thread(target=time.sleep, args=(600,), name='reward-leftover').start()\n"
+               "    return 3\n"
+               "cli.main = run\n"
+               "cli.entry()\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert "reward-leftover" in done.stderr and "exiting anyway" in done.stderr
+    clean = subprocess.run([sys.executable, "-c", "import tracerl.cli as cli\ncli.main = lambda: 0\ncli.entry()\n"],
+                           capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0 and clean.stderr == ""

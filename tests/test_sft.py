@@ -30,6 +30,31 @@ def test_loss_is_the_weighted_masked_cross_entropy():
     assert metrics["mask_ratio"] == masked.float().mean().item()
 
 
+def test_answer_accuracy_leaves_out_the_eos_padding():
+    """masked_token_accuracy scores every masked position, EOS padding included; masked_answer_accuracy only the
+    answer and its first EOS. All masked (t near 1) and the model made to predict EOS everywhere: the padding is
+    all right, the answer's two tokens wrong and its EOS right."""
+    model = build_tiny_model("llama")
+    eos = model.eos_token_id
+    # every logit 0 but EOS's 1: the model predicts EOS everywhere
+    model.backbone.lm_head.register_forward_hook(lambda m, a, out: torch.zeros_like(out).index_fill(-1,
+                                                 torch.tensor([eos]), 1.0))
+    response = torch.tensor([[20, 21, eos, eos, eos, eos, eos, eos]])  # answer 2 tokens + 6 EOS
+    gen = torch.Generator()
+    gen.manual_seed(0)
+    while True:  # a draw that masks all 8 positions
+        state = gen.get_state()
+        t = 1e-3 + (1 - 1e-3) * torch.rand(1, 1, generator=gen)
+        if bool((torch.rand(1, 8, generator=gen) < t).all()):
+            break
+    gen.set_state(state)
+    prompt = torch.tensor([[10, 11]])
+    _, metrics = masked_diffusion_loss(model, prompt, torch.ones_like(prompt, dtype=torch.bool), response, gen)
+    assert metrics["mask_ratio"] == 1.0
+    assert metrics["masked_token_accuracy"] == pytest.approx(6 / 8)
+    assert metrics["masked_answer_accuracy"] == pytest.approx(1 / 3)
+
+
 def test_a_row_too_long_for_the_model_is_refused_by_index_before_training(tmp_path):
     model = build_tiny_model("llama", max_position_embeddings=32)
     rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "9" * 30, "completion": "9"}]

@@ -186,6 +186,18 @@ def test_resuming_another_models_checkpoint_names_the_checkpoint(tmp_path):
         RLTrainer(config, other, distinct_chars, ROWS).train()
 
 
+def test_resume_refuses_a_different_number_of_optimizer_steps_per_rl_step(tmp_path):
+    """The scheduler counts optimizer steps: resumed under another steps_per_generation its position would no longer
+    be step x optimizer steps per step, and the lr curve would end early or late."""
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1, "steps_per_generation": 2}),
+              tiny(False), distinct_chars, ROWS).train()
+    config = make_config(tmp_path, False, trainer={"max_steps": 2, "steps_per_generation": 1,
+                                                   "resume_from_checkpoint": "latest"})
+    with pytest.raises(UserError, match=r"checkpoint-1: .*trainer.steps_per_generation / "
+                                        r"trainer.gradient_accumulation_steps: 2 -> 1"):
+        RLTrainer(config, tiny(False), distinct_chars, ROWS).train()
+
+
 def _scored_with(trainer, rewards):
     """A real rollout of two prompts x 4 whose rewards are then set by hand, and its replay."""
     from tracerl import credit

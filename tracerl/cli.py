@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import threading
 from pathlib import Path
 
 from tracerl.errors import UserError
@@ -351,5 +353,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+EXIT_GRACE_S = 60.0  # how long interpreter shutdown may wait on leftover threads before the exit is forced
+
+
+def entry() -> None:
+    """The console script and `python -m tracerl`: main(), then an exit that leftover threads cannot hold up. A
+    non-daemon thread that a reward (or a library it uses) started and never stopped would keep the process alive
+    after the run ended, with the job looking hung; once shutdown has waited EXIT_GRACE_S for such threads, this
+    names them and exits with the run's code anyway. Everything the run writes is written before main() returns."""
+    code = main()
+
+    def force_exit() -> None:
+        left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+        print(f"tracerl: the run ended (exit code {code}) but the process was still waiting after "
+              f"{EXIT_GRACE_S:.0f}s on {len(left)} thread(s) something started and never stopped "
+              f"({', '.join(left) or 'exit handlers'}); exiting anyway", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+    watchdog = threading.Timer(EXIT_GRACE_S, force_exit)
+    watchdog.daemon = True  # it must not be one of the threads shutdown waits for
+    watchdog.start()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

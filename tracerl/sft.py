@@ -94,7 +94,13 @@ def masked_diffusion_loss(
                                            reduction="none").view(N, L)
     loss = ((ce * masked.to(dev)) / t.to(dev)).sum() / (N * L)
     correct = (logits.argmax(-1).cpu() == response_ids) & masked
+    # the answer and its first EOS; the EOS padding after it is trained too, but is easy and with short answers
+    # would make up most of masked_token_accuracy
+    is_eos = response_ids == model.eos_token_id  # [N, L]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), L)  # [N]
+    answer = masked & (torch.arange(L) <= first_eos[:, None])  # [N, L]
     return loss, {"loss": loss.item(), "masked_token_accuracy": (correct.sum() / masked.sum().clamp(min=1)).item(),
+                  "masked_answer_accuracy": ((correct & answer).sum() / answer.sum().clamp(min=1)).item(),
                   "mask_ratio": masked.float().mean().item()}
 
 

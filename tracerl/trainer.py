@@ -142,7 +142,7 @@ class RLTrainer:
         from tracerl.checkpoint import rng_state
 
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state()}
+                 "schedule": self._schedule_shape(), "rng": rng_state()}
         if not self.backend.engine_checkpoints:
             state["optimizer"] = self.optimizer.state_dict()
             if self.critic is not None:
@@ -155,6 +155,13 @@ class RLTrainer:
         if "masks" in state:  # tracerl.sft.SFTRun's
             raise UserError("the checkpoint is an SFT run's, not an RL run's; start RL from its model/ directory "
                             "(model.path) instead")
+        saved = state.get("schedule")  # (checkpoints before it was stored: not checked)
+        if saved is not None and saved != self._schedule_shape():
+            changed = ", ".join(f"{key}: {saved.get(key)} -> {value}" for key, value in self._schedule_shape().items()
+                                if saved.get(key) != value)
+            raise UserError(f"the checkpoint was written with a different number of optimizer steps per RL step "
+                            f"({changed}); the lr schedule it holds counts optimizer steps, so resume with the "
+                            "settings that wrote it")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -165,6 +172,12 @@ class RLTrainer:
                     raise UserError("the checkpoint has no value model but algorithm.use_value_model is on")
                 self.critic.load_state_dict(state["critic"])
             set_rng_state(state["rng"])
+
+    def _schedule_shape(self) -> dict[str, int]:
+        """The settings that fix how many optimizer (and scheduler) steps one RL step takes."""
+        tr = self.config.trainer
+        return {"algorithm.num_iterations": self.config.algorithm.num_iterations,
+                "trainer.steps_per_generation / trainer.gradient_accumulation_steps": tr.optimizer_steps_per_epoch}
 
     def engines(self) -> dict[str, Any]:
         """DeepSpeed engines by checkpoint name (the critic's own only when it has one)."""

@@ -138,6 +138,23 @@ def test_async_rewards_run_concurrently():
     assert elapsed < 1.0, f"{elapsed:.2f}s: the three 0.5 s rewards did not overlap (sequential = 1.5 s)"
 
 
+def test_an_async_reward_blocking_its_loop_times_out_alone():
+    """A sync sleep inside `async def` blocks the loop it runs on; on a loop shared by every async reward the others
+    would time out too and be counted as errors. Each has its own loop: only the blocking one is blamed."""
+    async def blocks(prompts, completions, **kwargs):
+        time.sleep(1.0)  # not awaited: holds its loop
+        return [1.0] * len(completions)
+
+    async def polite(prompts, completions, **kwargs):
+        await asyncio.sleep(0.05)
+        return [2.0] * len(completions)
+
+    with RewardSet([blocks, polite], on_error="zero", timeout_s=0.5) as rs:
+        result = rs(PROMPTS, COMPLETIONS)
+    assert result.total.tolist() == [2.0, 2.0, 2.0]
+    assert result.metrics["reward_errors/blocks"] == 3 and result.metrics["reward_errors/polite"] == 0
+
+
 # --- errors -----------------------------------------------------------------------------------------------
 def raises_on_b(prompts, completions, **kwargs):
     if any("b" in c for c in completions):
