@@ -2,18 +2,23 @@
 
 total[i] = sum over functions f of weight_f * r_f[i], skipping None (TRL's nansum); a sample where every
 function returned None totals NaN ("no reward applies": the trainer leaves it out of its statistics), with
-a warning. Each function's values are checked: one per completion, each a finite real number or None.
+a warning. Each function's values are checked: one per completion (any iterable), each a finite real number or
+None (NaN reads as None, as in TRL).
 A function that raises, returns the wrong count or a bad value, or
 exceeds `timeout_s` produces a RewardError naming the reward (and the sample, when one is at fault):
   on_error="raise"  raise it (default; never a silent wrong reward)
   on_error="zero"   score the affected samples 0, count them in `reward_errors/<name>`, log a warning
 When a function raises on the batch, it is re-run one sample at a time to find the failing samples (their
-neighbours keep the values of those single-sample calls; list columns are sliced, other keyword arguments
-such as `trajectory` are passed whole). Sync rewards run each on its own daemon thread, async ones each on its
-own persistent event loop, all at once. A timed-out sync reward cannot be killed: its thread is abandoned, and being a
-daemon thread it never keeps the process alive at exit; while `MAX_ABANDONED` of a reward's abandoned calls are
-still running, the reward is not called again (that call counts as timed out), so a reward that hangs on every
-call holds a bounded number of threads.
+neighbours keep the values of those single-sample calls; list columns are sliced and the trajectory cut to the
+sample's row, other keyword arguments passed whole; each call's log_extra values are kept apart and land in the
+sample's place). Without a timeout, sync rewards run one after another on the caller's thread (TRL's way: code
+that needs the main thread works), the async ones meanwhile each on its own persistent event loop. With
+`timeout_s`, sync rewards run each on its own daemon thread, all at once. A timed-out sync reward cannot be
+killed: its thread is abandoned, and being a daemon thread it never keeps the process alive at exit; while
+`MAX_ABANDONED` of a reward's abandoned calls are still running, the reward is not called again (that call counts
+as timed out), so a reward that hangs on every call holds a bounded number of threads. What a reward changes for
+the whole process (working directory, default dtype, grad mode, threads, global random generators) is put back
+afterwards (ProcessState).
 
 Every call gets private copies of its arguments: prompts, completions and the column values deep-copied, the
 trajectory's tensors cloned (callables such as log_metric are passed as they are; a value that cannot be copied is
@@ -36,6 +41,7 @@ import logging
 import math
 import numbers
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +81,8 @@ class _Outcome:
     per_sample: dict[int, Any] | None = None  # after a batch failure: index -> single-sample return value
     sample_errors: dict[int, BaseException] = field(default_factory=dict)
     batch_error: BaseException | None = None
+    extras: dict[str, list] = field(default_factory=dict)  # what the batch call gave log_extra
+    sample_extras: dict[int, dict[str, list]] = field(default_factory=dict)  # ... each single-sample call
 
 
 def _accepted(fn: Any) -> set[str] | None:
@@ -112,35 +120,102 @@ def private_copies(kwargs: dict) -> dict:
 
 
 def _slice(columns: dict, i: int, n: int) -> dict:
+    """Sample i's part of the keyword arguments: list columns and completion_ids cut to it, the trajectory to its
+    row (so `trajectory.unmask_step[0]` is the sample's own, as `completions[0]` is); the rest passed whole."""
     out = {}
     for key, value in columns.items():
         sliceable = hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, (str, dict))
-        out[key] = value[i:i + 1] if sliceable and len(value) == n else value
+        if sliceable and len(value) == n:
+            value = value[i:i + 1]
+        elif callable(getattr(value, "select", None)) and getattr(value, "num_sequences", None) == n:
+            value = value.select([i])  # a tracerl.rollout.Trajectory
+        out[key] = value
     return out
 
 
-def _restore_cwd(cwd: str, names: list[str]) -> None:
-    """A reward that changed the process's working directory would move every relative path of the run
-    (output_dir, checkpoints, save_total_limit's pruning) with it: change it back, and say which rewards ran."""
+class ProcessState:
+    """What a reward could change for the whole process and the run would then inherit. Saved before the rewards
+    run and put back after, so that no reward code can:
+      - move the run's relative paths (output_dir, checkpoints, save_total_limit's pruning): the working directory;
+      - change what training computes: torch's default dtype, grad mode (rewards run on the caller's thread when
+        there is no timeout), its number of threads;
+      - change the run's randomness (dropout, data order): the global torch, CUDA, Python and NumPy generators, so a
+        reward that draws from them or reseeds them leaves the run as it would have been without it.
+    Changes other than the generators' are logged as warnings naming the rewards that ran."""
+
+    def __init__(self) -> None:
+        self.cwd = os.getcwd()
+        self.dtype = torch.get_default_dtype()
+        self.grad = torch.is_grad_enabled()
+        self.threads = torch.get_num_threads()
+        self.torch_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+            else None
+        self.python_rng = random.getstate()
+        self.numpy_rng = _numpy_random().get_state() if _numpy_random() is not None else None
+
+    @classmethod
+    def save(cls) -> "ProcessState":
+        return cls()
+
+    def restore(self, names: list[str]) -> None:
+        changed = []
+        try:
+            now = os.getcwd()
+        except OSError:  # it moved into a directory and deleted it
+            now = "<a deleted directory>"
+        if now != self.cwd:
+            changed.append(f"the working directory to {now} (restored to {self.cwd})")
+            os.chdir(self.cwd)
+        if torch.get_default_dtype() != self.dtype:
+            changed.append(f"torch's default dtype to {torch.get_default_dtype()} (restored to {self.dtype})")
+            torch.set_default_dtype(self.dtype)
+        if torch.is_grad_enabled() != self.grad:
+            changed.append(f"grad mode to {torch.is_grad_enabled()} (restored)")
+            torch.set_grad_enabled(self.grad)
+        if torch.get_num_threads() != self.threads:
+            changed.append(f"torch's threads to {torch.get_num_threads()} (restored to {self.threads})")
+            torch.set_num_threads(self.threads)
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        random.setstate(self.python_rng)
+        if self.numpy_rng is not None:
+            _numpy_random().set_state(self.numpy_rng)
+        if changed:
+            logger.warning("a reward of %s changed %s", ", ".join(repr(name) for name in names), "; ".join(changed))
+
+
+def _numpy_random() -> Any:
     try:
-        now = os.getcwd()
-    except OSError:  # it moved into a directory and deleted it
-        now = "<a deleted directory>"
-    if now != cwd:
-        logger.warning("a reward of %s changed the working directory to %s; restored to %s",
-                       ", ".join(repr(name) for name in names), now, cwd)
-        os.chdir(cwd)
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random
 
 
 def _to_float(value: Any) -> float | None:
-    """None stays None; a real number (bool, int, numpy scalar, 0-d tensor) becomes float; else TypeError."""
+    """None stays None; a real number (bool, int, numpy scalar, 0-d tensor) becomes float; NaN becomes None (TRL
+    reads None as NaN and skips both alike with nansum); else TypeError."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, numbers.Real) or (hasattr(value, "__float__") and not isinstance(value, (str, bytes))):
-        return float(value)
+        f = float(value)
+        return None if math.isnan(f) else f
     raise TypeError(f"returned {type(value).__name__} {value!r}, expected a float or None")
+
+
+def _as_list(raw: Any) -> Any:
+    """A reward's return value as a list when it is any sequence or iterable of values (a tuple, tensor, numpy
+    array, generator, map: TRL iterates whatever it gets); a str, bytes, dict or scalar is left as it is, to be
+    refused."""
+    if isinstance(raw, torch.Tensor) or hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if isinstance(raw, (str, bytes, dict)) or not hasattr(raw, "__iter__"):
+        return raw
+    return list(raw)
 
 
 def _default_name(fn: Any) -> str:
@@ -206,31 +281,69 @@ class RewardSet:
     def _single(self, k: int, i: int, prompts: list, completions: list, columns: dict) -> dict:
         return self._kwargs(k, prompts[i:i + 1], completions[i:i + 1], _slice(columns, i, len(completions)))
 
+    @staticmethod
+    def _own_extra_log(kwargs: dict) -> RewardLog:
+        """The call's log_extra collects into a log of its own, passed on only once the call's outcome is known: a
+        batch call that logged and then raised, or a timed-out call logging later, must not leave columns that no
+        longer line up with the samples."""
+        buffer = RewardLog()
+        if "log_extra" in kwargs:
+            kwargs["log_extra"] = buffer.log_extra
+        return buffer
+
     def _task_sync(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
+        kwargs = self._kwargs(k, prompts, completions, columns)
+        buffer = self._own_extra_log(kwargs)
         try:
-            return _Outcome(values=self.fns[k](**self._kwargs(k, prompts, completions, columns)))
+            return _Outcome(values=self.fns[k](**kwargs), extras=buffer.extras())
         except _FAILURES as e:  # reported as a RewardError by the caller
             out = _Outcome(batch_error=e, per_sample={})
         if self.locate_errors and len(completions) > 1:
             for i in range(len(completions)):
+                kwargs = self._single(k, i, prompts, completions, columns)
+                buffer = self._own_extra_log(kwargs)
                 try:
-                    out.per_sample[i] = self.fns[k](**self._single(k, i, prompts, completions, columns))
+                    out.per_sample[i] = self.fns[k](**kwargs)
+                    out.sample_extras[i] = buffer.extras()
                 except _FAILURES as e:
                     out.sample_errors[i] = e
         return out
 
     async def _task_async(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
+        kwargs = self._kwargs(k, prompts, completions, columns)
+        buffer = self._own_extra_log(kwargs)
         try:
-            return _Outcome(values=await self.fns[k](**self._kwargs(k, prompts, completions, columns)))
+            return _Outcome(values=await self.fns[k](**kwargs), extras=buffer.extras())
         except _FAILURES as e:
             out = _Outcome(batch_error=e, per_sample={})
         if self.locate_errors and len(completions) > 1:
             for i in range(len(completions)):
+                kwargs = self._single(k, i, prompts, completions, columns)
+                buffer = self._own_extra_log(kwargs)
                 try:
-                    out.per_sample[i] = await self.fns[k](**self._single(k, i, prompts, completions, columns))
+                    out.per_sample[i] = await self.fns[k](**kwargs)
+                    out.sample_extras[i] = buffer.extras()
                 except _FAILURES as e:
                     out.sample_errors[i] = e
         return out
+
+    @staticmethod
+    def _pass_on_extras(outcome: Any, log_extra: Any, n: int) -> None:
+        """A finished call's log_extra columns to the batch's log; after single-sample re-runs each column gets
+        one value per sample, None for a sample whose call failed or logged none."""
+        if not isinstance(outcome, _Outcome):  # timed out, or not called
+            return
+        if outcome.batch_error is None:
+            for column, values in outcome.extras.items():
+                log_extra(column, values)
+            return
+        names = dict.fromkeys(c for extras in outcome.sample_extras.values() for c in extras)
+        for column in names:
+            values = []
+            for i in range(n):
+                got = outcome.sample_extras.get(i, {}).get(column)
+                values.extend(got if got is not None and len(got) == 1 else [None])
+            log_extra(column, values)
 
     def _event_loop(self, k: int) -> asyncio.AbstractEventLoop:
         """Each async reward has its own loop for the RewardSet's lifetime: async clients a reward caches stay
@@ -268,6 +381,9 @@ class RewardSet:
         if self._async[k]:
             return asyncio.run_coroutine_threadsafe(self._task_async(k, *args), self._event_loop(k))
         future: cf.Future = cf.Future()
+        if self.timeout_s is None:  # as TRL: on the caller's thread, where code that must run on the main thread
+            future.set_result(self._task_sync(k, *args))  # (SIGALRM timeouts, Math-Verify's) works
+            return future
         self._abandoned[k] = [t for t in self._abandoned[k] if t.is_alive()]
         if len(self._abandoned[k]) >= MAX_ABANDONED:  # bounded: do not start yet another thread that may hang
             future.set_result(RewardError(
@@ -308,10 +424,14 @@ class RewardSet:
                       ) -> tuple[list, dict[int, RewardError], Process]:
         """(values, {index: error}, process parts) for one return value covering samples offset .. offset + n - 1."""
         name = self.names[k]
-        if isinstance(raw, torch.Tensor) or hasattr(raw, "tolist"):
-            raw = raw.tolist()
-        if not isinstance(raw, (list, tuple)) or len(raw) != n:
-            got = f"{len(raw)} values" if isinstance(raw, (list, tuple)) else f"a {type(raw).__name__}"
+        try:
+            raw = _as_list(raw)
+        except Exception as e:  # noqa: BLE001 - a generator that raises part-way: the reward's failure
+            err = RewardError(name, f"raised {type(e).__name__} while its values were read: {e}",
+                              offset if n == 1 else None, batch_size=None if n == 1 else n)
+            return [None] * n, {offset + i: err for i in range(n)}, {}
+        if not isinstance(raw, list) or len(raw) != n:
+            got = f"{len(raw)} values" if isinstance(raw, list) else f"a {type(raw).__name__}"
             detail = f"returned {got}, expected a list of {n} floats or None (one per completion)"
             # a single-sample re-run names its sample; a batch call can only name the whole batch
             err = RewardError(name, detail, offset) if n == 1 else RewardError(name, detail, batch_size=n)
@@ -321,7 +441,7 @@ class RewardSet:
             try:
                 outcome, steps, tokens = split_reward(v)
                 f = _to_float(outcome)
-                if f is not None and not math.isfinite(f):
+                if f is not None and not math.isfinite(f):  # inf (NaN reads as None, as in TRL)
                     raise ValueError(f"returned {f}, which is not a finite number")
                 values.append(f)
                 if steps is not None or tokens is not None:
@@ -388,16 +508,20 @@ class RewardSet:
         snapshot = private_copies({"prompts": prompts, "completions": completions, **columns})
         prompts, completions = snapshot.pop("prompts"), snapshot.pop("completions")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        cwd = os.getcwd()
-        futures = [self._submit(k, (prompts, completions, snapshot), n) for k in range(len(self.fns))]
+        saved = ProcessState.save()
+        # the async rewards first, so that they run while the sync ones (on this thread, without a timeout) do
+        order = sorted(range(len(self.fns)), key=lambda k: not self._async[k])
+        futures = {k: self._submit(k, (prompts, completions, snapshot), n) for k in order}
         table, found, processes = [], [], []
-        for k, future in enumerate(futures):
-            values, errors, process = self._values(k, self._wait(k, future, deadline, n), n)
+        for k in range(len(self.fns)):
+            outcome = self._wait(k, futures[k], deadline, n)
+            self._pass_on_extras(outcome, columns["log_extra"], n)
+            values, errors, process = self._values(k, outcome, n)
             self._check_process(k, process, snapshot.get("trajectory"), errors)
             table.append(values)
             found.append(errors)
             processes.append(process)
-        _restore_cwd(cwd, self.names)
+        saved.restore(self.names)
         first = next((e for errs in found for e in errs.values()), None)
         if first is not None and self.on_error == "raise":
             others = sum(len(errs) for errs in found) - 1

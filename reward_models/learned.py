@@ -46,19 +46,44 @@ class RunningStats:
         return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 1.0
 
 
+def is_reward_model(obj: Any) -> bool:
+    """A loaded transformers model (TRL takes a PreTrainedModel in reward_funcs as a reward model)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(obj, PreTrainedModel)
+
+
 class LearnedReward:
-    def __init__(self, path: str, device: str | None = None, batch_size: int = 8, max_length: int = 2048,
+    """`path`: a model directory, or a loaded sequence-classification model (as TRL's reward_funcs take one; its
+    tokenizer is `tokenizer` or, as in TRL, read from the directory it was loaded from)."""
+
+    def __init__(self, path: Any, device: str | None = None, batch_size: int = 8, max_length: int = 2048,
                  chat_template: bool | None = None, normalize: str = "none", scale: float = 1.0,
-                 shift: float = 0.0, clip: float | None = None, dtype: str | None = None) -> None:
+                 shift: float = 0.0, clip: float | None = None, dtype: str | None = None,
+                 tokenizer: Any = None) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if normalize not in ("none", "affine", "running"):
             raise ValueError(f"learned reward: normalize must be none, affine or running, got {normalize!r}")
-        self.device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs).to(self.device).eval()
+        if is_reward_model(path):
+            model, path = path, getattr(path.config, "_name_or_path", "") or type(path).__name__
+            self.device = torch.device(device) if device else next(model.parameters()).device
+            self.model = model.to(self.device).eval()
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(path)
+                except Exception as e:  # noqa: BLE001 - built in memory, or from a place without a tokenizer
+                    raise ValueError(f"learned reward: no tokenizer found where the model object was loaded from "
+                                     f"({path!r}: {type(e).__name__}); pass it: LearnedReward(model, "
+                                     "tokenizer=...)") from None
+        else:
+            self.device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs).to(self.device).eval()
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         if self.model.config.num_labels != 1:
             raise ValueError(f"learned reward {path}: the model has {self.model.config.num_labels} labels, "
                              "a reward model needs exactly 1")
@@ -93,8 +118,11 @@ class LearnedReward:
 
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
+            # a chat template writes the special tokens itself (BOS...): added again they would be doubled, which
+            # TRL avoids the same way; plain text gets the ones the model's tokenizer adds ([CLS] ... [SEP], BOS)
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_length)
+                                   truncation=True, max_length=self.max_length,
+                                   add_special_tokens=not self.chat_template)
             inputs = {k: v.to(self.device) for k, v in batch.items() if k in self._accepts}
             with torch.no_grad():
                 logits = self.model(**inputs).logits  # [B, 1]

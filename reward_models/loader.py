@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .learned import LearnedReward, is_model_dir
+from .learned import LearnedReward, is_model_dir, is_reward_model
 from .protocol import RewardSpecError
 
 _BUILTINS = {
@@ -153,6 +153,11 @@ def load_reward(spec: Any, base_dir: str | None = None, **kwargs: Any) -> Callab
                 fn = functools.partial(fn)  # rename a copy, never the user's function object
             fn.__name__ = parsed.name  # type: ignore[attr-defined]
         return fn
+    if is_reward_model(spec):  # a loaded sequence-classification model, as TRL's reward_funcs take one
+        try:
+            return LearnedReward(spec, **kwargs)
+        except (TypeError, ValueError, OSError) as e:
+            raise RewardSpecError(f"reward model {type(spec).__name__}: {type(e).__name__}: {e}") from None
     if callable(spec):
         return _bind(spec, kwargs, getattr(spec, "__name__", repr(spec)))
     if not isinstance(spec, str) or not spec:

@@ -260,9 +260,10 @@ class RewardLog:
     """TRL's `log_metric` / `log_extra` for one scoring call (thread-safe: rewards run concurrently).
 
     log_metric(name, value)   a scalar; the step's metrics get `name` = the mean of the values logged under it
-                              this step (TRL averages over the step too). `name` must not be one of TraceRL's own
-                              reward metrics (rewards/..., reward_errors/..., reward, reward_std); a bad name or a
-                              value that is not a real number raises in the reward, which makes it that reward's error
+                              this step (TRL averages over the step too). A name in TraceRL's own reward metrics
+                              (rewards/..., reward_errors/..., reward, reward_std) is kept as `reward_log/<name>`
+                              rather than overwrite them; a name that is not a string or a value that is not a real
+                              number raises in the reward, which makes it that reward's error
     log_extra(column, values) a per-sample column (TRL's completions-table column); the values are kept, in order,
                               in `extra[column]` (ScoredBatch.extra / RewardResult.extra)
     """
@@ -276,7 +277,7 @@ class RewardLog:
         if not isinstance(name, str) or not name:
             raise TypeError(f"log_metric: the name must be a non-empty string, got {name!r}")
         if name in _TRAINER_METRICS or name.startswith(("rewards/", "reward_errors/")):
-            raise ValueError(f"log_metric: {name!r} is one of TraceRL's own reward metrics; choose another name")
+            name = f"reward_log/{name}"  # TRL logs it as given; here it would overwrite a reward's own statistics
         if hasattr(value, "numel") and value.numel() == 1:
             value = value.item()
         if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real) and not hasattr(value, "__float__"):

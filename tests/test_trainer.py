@@ -198,6 +198,23 @@ def test_resume_refuses_a_different_number_of_optimizer_steps_per_rl_step(tmp_pa
         RLTrainer(config, tiny(False), distinct_chars, ROWS).train()
 
 
+def test_rows_with_different_columns_give_every_batch_every_column(tmp_path):
+    """A mixed-task list of rows (math rows with `answer`, code rows with `tests`): whichever rows a batch draws,
+    the rewards get both columns, None where a row has none (as a datasets.Dataset would hold them)."""
+    seen = []
+
+    def by_task(prompts, completions, answer, tests, **kwargs):
+        seen.append((list(answer), list(tests)))
+        return [1.0 if a is not None else None for a in answer]
+
+    rows = [{"prompt": "ab", "answer": "x"}, {"prompt": "cd", "tests": "t"}]
+    trainer = RLTrainer(make_config(tmp_path, False, trainer={"per_device_train_batch_size": 4}), tiny(False),
+                        by_task, rows)
+    trainer.sample_and_score([1])
+    trainer.sample_and_score([0])
+    assert seen == [([None] * 4, ["t"] * 4), (["x"] * 4, [None] * 4)]
+
+
 def _scored_with(trainer, rewards):
     """A real rollout of two prompts x 4 whose rewards are then set by hand, and its replay."""
     from tracerl import credit

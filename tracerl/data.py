@@ -43,10 +43,23 @@ class PromptSampler:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
+def column_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every column any row has, in the order first seen."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def uniform_columns(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows given as dicts with different keys (a mixed-task list: math rows with `answer`, code rows with `tests`)
+    -> rows that all have every column, None where a row had none, as a `datasets.Dataset` would hold them; so every
+    batch passes the rewards the same columns whichever rows it drew."""
+    names = column_names(rows)
+    return [r if len(r) == len(names) else {k: r.get(k) for k in names} for r in rows]
+
+
 def columns_of(rows: Sequence[dict[str, Any]], exclude: tuple[str, ...] = ("prompt",)) -> dict[str, list[Any]]:
-    """Row dicts -> {column: [values]} for every column but `exclude` (what reward functions get as kwargs)."""
-    names = [k for k in rows[0] if k not in exclude] if rows else []
-    return {k: [r.get(k) for r in rows] for k in names}
+    """Row dicts -> {column: [values]} for every column any row has but `exclude` (what reward functions get as
+    kwargs); None where a row lacks the column."""
+    return {k: [r.get(k) for r in rows] for k in column_names(rows) if k not in exclude}
 
 
 # ---- loading rows with the `datasets` library -----------------------------------------------------------------

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tracerl import credit, losses
 from tracerl import data_parallel as dp
 from tracerl.config import RLConfig, TrainerConfig
-from tracerl.data import PromptSampler
+from tracerl.data import PromptSampler, uniform_columns
 from tracerl.distributed import Backend, LocalBackend
 from tracerl.ds_config import EngineSpec
 from tracerl.errors import UserError
@@ -59,8 +59,10 @@ class RLTrainer:
         eval_rows: Sequence[dict[str, Any]] | None = None,
     ):
         config = replace(config, algorithm=resolve_estimator(config.algorithm))  # unset estimator settings filled
-        self.config, self.model, self.reward_fn, self.rows = config, model, as_reward_set(reward_fn), train_rows
-        self.eval_rows = eval_rows  # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
+        self.config, self.model, self.reward_fn = config, model, as_reward_set(reward_fn)
+        self.rows = uniform_columns(train_rows)  # every batch passes the rewards the same columns
+        # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
+        self.eval_rows = None if eval_rows is None else uniform_columns(eval_rows)
         self.backend = backend or LocalBackend()
         alg, tr = config.algorithm, config.trainer
         config.validate()  # impossible combinations fail before any model work, naming the keys

@@ -166,10 +166,6 @@ def wrong_count(prompts, completions, **kwargs):
     return [1.0] * (len(completions) - 1)
 
 
-def nan_at_2(prompts, completions, **kwargs):
-    return [1.0, 1.0, float("nan")]
-
-
 def inf_at_0(prompts, completions, **kwargs):
     return [float("inf"), 1.0, 1.0]
 
@@ -204,7 +200,6 @@ async def async_sleeps(prompts, completions, **kwargs):
 ERRORS = [  # (reward, timeout_s, message pattern, failing samples)
     (raises_on_b, None, r"reward 'raises_on_b' at sample 1: raised KeyError: 'no b allowed'", [1]),
     (wrong_count, None, r"reward 'wrong_count' on all 3 samples.*returned 2 values, expected a list of 3", [0, 1, 2]),
-    (nan_at_2, None, r"reward 'nan_at_2' at sample 2: returned nan, which is not a finite number", [2]),
     (inf_at_0, None, r"reward 'inf_at_0' at sample 0: returned inf", [0]),
     (string_at_1, None, r"reward 'string_at_1' at sample 1: returned str 'high'", [1]),
     (huge_at_1, None, r"reward 'huge_at_1' at sample 1: int too large to convert to float", [1]),
@@ -212,7 +207,7 @@ ERRORS = [  # (reward, timeout_s, message pattern, failing samples)
     (sleeps, 0.3, r"reward 'sleeps' on all 3 samples.*timed out after 0.3s", [0, 1, 2]),
     (async_sleeps, 0.3, r"reward 'async_sleeps' on all 3 samples.*timed out after 0.3s", [0, 1, 2]),
 ]
-IDS = ["raises", "wrong_count", "nan", "inf", "wrong_type", "overflow", "bad_float", "timeout", "async_timeout"]
+IDS = ["raises", "wrong_count", "inf", "wrong_type", "overflow", "bad_float", "timeout", "async_timeout"]
 
 
 @pytest.mark.parametrize("fn, timeout, pattern, bad", ERRORS, ids=IDS)
@@ -282,11 +277,11 @@ def test_a_reward_raising_on_a_single_sample_batch_names_sample_0():
 
 
 def test_raise_mode_mentions_how_many_more_errors():
-    def two_nans(prompts, completions, **kwargs):
-        return [float("nan"), 1.0, float("nan")]
+    def two_infs(prompts, completions, **kwargs):
+        return [float("inf"), 1.0, float("-inf")]
 
     with pytest.raises(RewardError, match=r"at sample 0: .*\(and 1 more\)"):
-        RewardSet([two_nans])(PROMPTS, COMPLETIONS)
+        RewardSet([two_infs])(PROMPTS, COMPLETIONS)
 
 
 def test_bad_options():
@@ -312,3 +307,108 @@ def test_a_reward_that_changes_the_working_directory_is_undone(tmp_path, caplog)
         result = RewardSet([wanders])(PROMPTS, COMPLETIONS)
     assert os.getcwd() == before and result.total.tolist() == [1.0, 1.0, 1.0]
     assert "a reward of 'wanders' changed the working directory" in caplog.text
+
+
+# --- TRL's conventions, and what a reward may not change -------------------------------------------------------
+def test_nan_means_no_reward_as_in_trl():
+    """TRL turns None into NaN and sums with nansum: NaN and None both mean "does not apply"."""
+    def half_nan(prompts, completions, **kwargs):
+        return [1.0, float("nan"), 0.0]
+
+    def numpy_nan(prompts, completions, **kwargs):
+        return np.array([np.nan, np.nan, 2.0])
+
+    result = RewardSet([half_nan, numpy_nan])(PROMPTS, COMPLETIONS)
+    assert result.total[0] == 1.0 and torch.isnan(result.total[1]) and result.total[2] == 2.0
+    assert result.metrics["rewards/half_nan/mean"] == 0.5  # over the two samples it applies to, as TRL's nanmean
+    assert result.metrics["reward_errors/half_nan"] == 0
+
+
+def test_any_iterable_of_values_is_accepted_as_trl_does():
+    def generator(prompts, completions, **kwargs):
+        return (float(len(c)) for c in completions)
+
+    def mapped(prompts, completions, **kwargs):
+        return map(lambda c: 1.0, completions)
+
+    def breaks_midway(prompts, completions, **kwargs):
+        yield 1.0
+        raise ValueError("third-party parser failed")
+
+    result = RewardSet([generator, mapped])(PROMPTS, COMPLETIONS)
+    assert result.per_function.tolist() == [[2.0, 1.0], [4.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(RewardError, match=r"reward 'breaks_midway'.*raised ValueError while its values were read"):
+        RewardSet([breaks_midway])(PROMPTS, COMPLETIONS)
+    for bad in ("0.5", {"a": 1.0}):
+        with pytest.raises(RewardError, match=rf"returned a {type(bad).__name__}, expected a list of 3"):
+            RewardSet([lambda prompts, completions, v=bad, **kw: v])(PROMPTS, COMPLETIONS)
+
+
+def test_without_a_timeout_sync_rewards_run_on_the_callers_thread():
+    """As in TRL: code that only works on the main thread (signal-based timeouts such as Math-Verify's, or
+    asyncio.get_event_loop in some versions) works in a reward; with timeout_s it runs on a thread of its own."""
+    import signal
+    import threading
+
+    def main_thread_only(prompts, completions, **kwargs):
+        previous = signal.signal(signal.SIGALRM, lambda *a: None)  # raises ValueError off the main thread
+        signal.signal(signal.SIGALRM, previous)
+        return [float(threading.current_thread() is threading.main_thread())] * len(completions)
+
+    assert RewardSet([main_thread_only])(PROMPTS, COMPLETIONS).total.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(RewardError, match="signal only works in main thread"):
+        RewardSet([main_thread_only], timeout_s=5)(PROMPTS, COMPLETIONS)
+
+
+def test_a_reward_cannot_change_the_runs_randomness_dtype_or_grad_mode(caplog):
+    import random
+
+    def meddles(prompts, completions, **kwargs):
+        torch.manual_seed(1234)
+        random.seed(1234)
+        np.random.seed(1234)
+        torch.rand(3)
+        torch.set_default_dtype(torch.float64)
+        torch.set_grad_enabled(False)
+        return [1.0] * len(completions)
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    with caplog.at_level(logging.WARNING, logger="reward_models.combine"):
+        RewardSet([meddles])(PROMPTS, COMPLETIONS)
+    assert torch.get_default_dtype() == torch.float32 and torch.is_grad_enabled()
+    assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+    assert "a reward of 'meddles' changed torch's default dtype to torch.float64" in caplog.text
+    assert "grad mode" in caplog.text
+
+
+def test_single_sample_reruns_pass_each_sample_its_own_trajectory_row_and_keep_log_extra_aligned():
+    """After a batch fails, each sample is re-scored alone: its trajectory is its own row (a reward reading
+    trajectory.unmask_step[0] must see the sample's steps, not sample 0's), and log_extra gets one value per
+    sample, None where the sample's call failed; what the failed batch call logged is dropped."""
+    from tracerl.rollout.trajectory import Trajectory
+
+    steps = torch.tensor([[0, 0, 0, 0], [0, 1, 2, 3], [0, 0, 1, 1]])
+    n, L = steps.shape
+    traj = Trajectory(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.bool),
+                      response_ids=torch.zeros(n, L, dtype=torch.long), unmask_step=steps,
+                      action_mask=torch.ones(n, L, dtype=torch.bool), behaviour_logprob=torch.zeros(n, L),
+                      block_offset=torch.zeros(n, dtype=torch.long), group_id=torch.arange(n), num_forwards=4,
+                      mask_token_id=1, pad_token_id=0, eos_token_id=0, block_size=None, block_length=L,
+                      temperature=1.0)
+
+    def steps_taken(prompts, completions, trajectory, log_extra, **kwargs):
+        log_extra("note", [f"steps {int(trajectory.unmask_step[i].max()) + 1}" for i in range(len(completions))])
+        if any("b" in c for c in completions):
+            raise ValueError("cannot score b")
+        return [float(trajectory.unmask_step[i].max()) + 1 for i in range(len(completions))]
+
+    result = RewardSet([steps_taken], on_error="zero")(PROMPTS, COMPLETIONS, trajectory=traj)
+    assert result.per_function[:, 0].tolist() == [1.0, 0.0, 2.0]  # sample 1 failed; 2 took 2 steps, not 1
+    assert result.extra == {"note": ["steps 1", None, "steps 2"]}

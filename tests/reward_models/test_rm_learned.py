@@ -44,6 +44,36 @@ def test_chat_template_renders_the_conversation(tiny_rm_dir):
     assert LearnedReward(str(tiny_rm_dir), device="cpu", chat_template=False).text("a", "b") == "ab"
 
 
+def test_a_template_that_writes_bos_is_not_given_a_second_one(tmp_path):
+    """Llama-3-style reward models: the tokenizer adds BOS and the chat template writes it too. The templated text
+    is tokenized without special tokens (as TRL does), so the model sees one BOS, as in its training."""
+    from tokenizers.processors import TemplateProcessing
+
+    from tests.reward_models.conftest import save_tiny_classifier
+
+    path = save_tiny_classifier(tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(path)
+    bos = "<|endoftext|>"
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    tok.bos_token = bos
+    tok.chat_template = bos + "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds BOS
+    rm = LearnedReward(str(path), device="cpu")
+    seen = []
+    rm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    text = rm.text("2+2?", "4")
+    assert text.startswith(bos)
+    score = rm(["2+2?"], ["4"])
+    assert seen[0] == tok(text, add_special_tokens=False)["input_ids"]  # one BOS, the template's
+    assert seen[0].count(tok.bos_token_id) == 1
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([seen[0]])).logits[0, 0].item()
+    assert score == pytest.approx([expected], abs=1e-5)
+
+
 def test_affine_and_clip(tiny_rm_dir):
     raw = LearnedReward(str(tiny_rm_dir), device="cpu")(PROMPTS, COMPLETIONS)
     affine = LearnedReward(str(tiny_rm_dir), device="cpu", normalize="affine", scale=10.0, shift=1.0)
@@ -79,3 +109,18 @@ def test_learned_reward_in_a_reward_set(tiny_rm_dir):
 def test_missing_prompts_count_as_empty(tiny_rm_dir):
     rm = LearnedReward(str(tiny_rm_dir), device="cpu", chat_template=False)
     assert rm(None, ["abc"]) == pytest.approx(reference_scores(tiny_rm_dir, ["abc"]), abs=1e-5)
+
+
+def test_a_loaded_reward_model_object_works_as_in_trl(tiny_rm_dir):
+    """TRL's reward_funcs take a PreTrainedModel; its tokenizer comes from where it was loaded."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir)
+    from_path = LearnedReward(str(tiny_rm_dir), device="cpu")
+    result = RewardSet([model])(PROMPTS, COMPLETIONS)
+    assert result.total.tolist() == pytest.approx(from_path(PROMPTS, COMPLETIONS), abs=1e-5)
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    in_memory = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                           num_hidden_layers=1, num_attention_heads=2,
+                                                           num_labels=1))
+    with pytest.raises(ValueError, match=r"no tokenizer found .*pass it: LearnedReward\(model, tokenizer=...\)"):
+        RewardSet([in_memory])

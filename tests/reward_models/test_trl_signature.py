@@ -154,8 +154,7 @@ def test_a_step_keeps_a_reward_metric_named_like_the_trainers_and_tables_log_ext
 
 
 @pytest.mark.parametrize("call, detail", [(lambda log: log("acc", "high"), "expected a number"),
-                                          (lambda log: log("reward", 1.0), "one of TraceRL's own"),
-                                          (lambda log: log("rewards/mine/mean", 1.0), "one of TraceRL's own")])
+                                          (lambda log: log(None, 1.0), "must be a non-empty string")])
 def test_a_bad_log_metric_is_the_rewards_error(call, detail):
     def bad(prompts, completions, log_metric, **kwargs):
         call(log_metric)
@@ -163,6 +162,23 @@ def test_a_bad_log_metric_is_the_rewards_error(call, detail):
 
     with pytest.raises(RewardError, match=f"reward 'bad'.*{detail}"):
         RewardSet([bad])(["p"], ["a"])
+
+
+def test_a_log_metric_named_like_a_reward_statistic_is_kept_aside_not_an_error():
+    """TRL logs any name; here `rewards/<name>/mean` is the reward's own statistic: the logged value goes to
+    reward_log/..., and the reward's values are untouched."""
+    def accuracy(prompts, completions, log_metric, **kwargs):
+        log_metric("rewards/accuracy/hard_subset", 0.5)
+        log_metric("rewards/accuracy/mean", 99.0)
+        log_metric("reward", 7.0)
+        return [1.0, 0.0, 1.0]
+
+    result = RewardSet([accuracy])(["p"] * 3, ["a", "b", "c"])
+    assert result.total.tolist() == [1.0, 0.0, 1.0]
+    assert result.metrics["rewards/accuracy/mean"] == pytest.approx(2 / 3)
+    assert result.metrics["reward_log/rewards/accuracy/mean"] == 99.0
+    assert result.metrics["reward_log/rewards/accuracy/hard_subset"] == 0.5
+    assert result.metrics["reward_log/reward"] == 7.0
 
 
 # ---- 2. a hung sync reward never keeps the process alive -----------------------------------------------------
