@@ -201,3 +201,31 @@ def test_an_sft_checkpoint_is_not_resumed_as_an_rl_run(tmp_path):
     with pytest.raises(UserError, match="checkpoint is an SFT run's, not an RL run's"):
         RLTrainer(rl, build_tiny_model("llama"), lambda prompts, completions, **kw: [0.0] * len(prompts),
                   ROWS[:2]).train()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
+def test_lora_sft_of_a_published_layout_saves_its_adapter(tmp_path, family):
+    """A published layout cannot hold an adapter: final/ is the adapter (as RL checkpoints are), and it loads back
+    onto the base with the trained weights."""
+    from tests.models.published_checkpoints import write_dream, write_llada, write_sdar
+    from tracerl.build import build_model
+    from tracerl.config import ModelConfig, PeftSection
+
+    base = tmp_path / family
+    {"llada": write_llada, "dream": write_dream, "sdar": write_sdar}[family](base)
+    model = build_model(ModelConfig(path=str(base)), PeftSection(r=4), seed=0)
+    cfg = SFTConfig(sft=SFTSection(max_completion_length=4), optimizer=OptimizerConfig(learning_rate=1e-2),
+                    trainer=SFTTrainerConfig(max_steps=2, per_device_train_batch_size=4, output_dir=str(tmp_path / "o"),
+                                             logging_steps=1000))
+    rows = [{"prompt": "ab", "completion": "cd"}, {"prompt": "ba", "completion": "dc"}]
+    train_sft(model, rows, cfg)
+    final = tmp_path / "o" / "final"
+    assert (final / "adapter_config.json").is_file()
+    if family == "dream":  # tokenizer_config.json's auto_map names it: the copy must not point at missing code
+        assert (final / "tokenization_dream.py").read_text() == (base / "tokenization_dream.py").read_text()
+    from tracerl.peft_utils import load_adapter
+
+    reloaded = load_adapter(str(final))
+    ids = torch.tensor([model.tokenizer("abcd", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.logits(ids), model.logits(ids))

@@ -92,6 +92,48 @@ def test_resume_equals_uninterrupted_run(tmp_path, value):
     assert [row["step"] for row in logged] == [1, 2, 3, 4]
 
 
+def test_lora_dropout_runs_repeat_and_resume_exactly(tmp_path):
+    """LoRA dropout draws from the global generator: seeded from trainer.seed, one seed gives one run, and a run
+    resumed in a new process (model handed over in train mode) repeats the straight run's step 2 exactly."""
+    from tracerl.config import PeftSection
+    from tracerl.peft_utils import apply_lora
+
+    def lora_model():
+        model = apply_lora(tiny(False), PeftSection(r=4, lora_dropout=0.3), seed=0)
+        return model.train()  # as a user's model may arrive
+
+    def run(out, **trainer):
+        torch.manual_seed(len(str(out)))  # whatever the process did before
+        cfg = make_config(out, False, trainer=trainer)
+        return RLTrainer(cfg, lora_model(), distinct_chars, ROWS).train()
+
+    straight, again = run(tmp_path / "a", max_steps=2), run(tmp_path / "b", max_steps=2)
+    for key in ("loss", "grad_norm", "entropy", "policy/ratio_max"):
+        assert [m[key] for m in straight] == [m[key] for m in again], key
+    run(tmp_path / "c", max_steps=1)
+    resumed = run(tmp_path / "c", max_steps=2,
+                  resume_from_checkpoint=str(tmp_path / "c" / "run" / "checkpoint-1"))
+    for key in ("loss", "grad_norm", "entropy", "policy/ratio_max"):
+        assert resumed[0][key] == pytest.approx(straight[1][key], rel=1e-6, abs=1e-8), key
+
+
+def test_a_run_extended_by_resuming_with_more_steps_follows_the_new_schedule(tmp_path):
+    """1 step of a 1-step linear schedule ends at lr 0; resumed with max_steps 2, step 2 must train at the 2-step
+    schedule's rate (lr / 2), not at the rate the optimizer last used: the weights equal a straight 2-step run's."""
+    def run(out, **trainer):
+        cfg = make_config(out, False, trainer=trainer, optimizer={"lr_scheduler_type": "linear", "warmup_ratio": 0.0})
+        t = RLTrainer(cfg, tiny(False), distinct_chars, ROWS)
+        return t, t.train()
+
+    straight, history = run(tmp_path / "a", max_steps=2)
+    run(tmp_path / "b", max_steps=1)
+    resumed, extended = run(tmp_path / "b", max_steps=2,
+                            resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-1"))
+    assert extended[0]["learning_rate"] == history[1]["learning_rate"] == 0.0  # after step 2, for a step 3
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_metrics_file_holds_one_run(tmp_path):
     config = make_config(tmp_path, False, trainer={"max_steps": 2, "save_steps": 1})
     RLTrainer(config, tiny(False), distinct_chars, ROWS).train()
@@ -176,6 +218,31 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
     assert (run / "checkpoint-1" / "model" / "model.safetensors").read_bytes() != earlier
 
 
+def test_checkpoint_housekeeping_leaves_the_users_folders_and_the_new_branch_alone(tmp_path):
+    """Only checkpoint-<step> directories holding trainer_state.json are TraceRL's: a user's checkpoint-best-500 or
+    checkpoint-2024-06-30 is never moved, resumed or pruned. Resuming from an earlier checkpoint abandons the later
+    ones: they are set aside, so save_total_limit keeps the new branch's checkpoints, not the old branch's."""
+    run = tmp_path / "run"
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 3, "save_steps": 1}), tiny(False), distinct_chars,
+              ROWS).train()
+    best, dated = run / "checkpoint-best-500", run / "checkpoint-2024-06-30"
+    best.mkdir()
+    (best / "trainer_state.json").write_text("{}")  # even with a state file: not a checkpoint-<step> name
+    dated.mkdir()
+    (dated / "README").write_text("mine")
+    resumed = make_config(tmp_path, False, trainer={"max_steps": 2, "save_steps": 1, "save_total_limit": 1,
+                                                    "resume_from_checkpoint": str(run / "checkpoint-1")})
+    RLTrainer(resumed, tiny(False), distinct_chars, ROWS).train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-2024-06-30",
+                                                                "checkpoint-best-500"]
+    assert sorted(p.name for p in (run / "checkpoints.prev-1").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert (dated / "README").read_text() == "mine"
+    latest = make_config(tmp_path, False, trainer={"max_steps": 3, "resume_from_checkpoint": "latest"})
+    assert len(RLTrainer(latest, tiny(False), distinct_chars, ROWS).train()) == 1  # from checkpoint-2, not best-500
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
+    assert best.is_dir() and dated.is_dir()  # a fresh run sets aside only TraceRL's checkpoints
+
+
 def test_resuming_another_models_checkpoint_names_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
@@ -213,6 +280,36 @@ def test_rows_with_different_columns_give_every_batch_every_column(tmp_path):
     trainer.sample_and_score([1])
     trainer.sample_and_score([0])
     assert seen == [([None] * 4, ["t"] * 4), (["x"] * 4, [None] * 4)]
+
+
+def test_rl_from_an_sft_adapter_keeps_the_sft_model_as_its_reference(tmp_path):
+    """model.path an SFT LoRA adapter, peft.r set (TRL's rule): the adapter is merged and a new one trained on top,
+    so the KL reference is the SFT model (KL 0 at the first step), and the RL adapter is saved with the adapter it
+    was trained on top of, which load_adapter merges first. peft.r unset: the loaded adapter trains on and the
+    reference is the pre-SFT base, which is warned about."""
+    from tracerl.build import build_model
+    from tracerl.config import ModelConfig, PeftSection, SFTConfig, SFTSection, SFTTrainerConfig
+    from tracerl.peft_utils import load_adapter
+    from tracerl.sft import train_sft
+
+    base = tmp_path / "base"
+    tiny(False).save_pretrained(str(base))
+    sft = SFTConfig(sft=SFTSection(max_completion_length=4), optimizer=OptimizerConfig(learning_rate=3e-2),
+                    trainer=SFTTrainerConfig(max_steps=3, per_device_train_batch_size=4, output_dir=str(tmp_path / "sft"),
+                                             logging_steps=1000))
+    train_sft(build_model(ModelConfig(path=str(base)), PeftSection(r=4)), [{"prompt": "ab", "completion": "cd"}], sft)
+    adapter = tmp_path / "sft" / "final"
+    config = make_config(tmp_path, False, algorithm={"beta": 0.1}, trainer={"max_steps": 1})
+    model = build_model(ModelConfig(path=str(adapter)), PeftSection(r=4))
+    trainer = RLTrainer(config, model, distinct_chars, ROWS)
+    assert trainer.train()[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    saved = tmp_path / "run" / "checkpoint-1" / "model"
+    assert (saved / "tracerl_merged_adapters.json").is_file()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(saved).logits(ids), trainer.model.logits(ids))
+    with pytest.warns(UserWarning, match="the KL reference is the model with its adapter disabled"):
+        RLTrainer(config, build_model(ModelConfig(path=str(adapter))), distinct_chars, ROWS)
 
 
 def _scored_with(trainer, rewards):

@@ -24,11 +24,12 @@ def build_model(model_cfg: ModelConfig, peft: PeftSection | None = None, path: s
     options = dict(dtype=model_cfg.dtype, device=model_cfg.device, block_size=model_cfg.block_size,
                    mask_token_id=model_cfg.mask_token_id, trust_remote_code=model_cfg.trust_remote_code,
                    tokenizer=model_cfg.tokenizer)
-    if (source / "adapter_config.json").is_file():
+    if (source / "adapter_config.json").is_file():  # with peft set, merged and given a new adapter (apply_lora)
         from tracerl.peft_utils import load_adapter
 
-        return load_adapter(source, **options)
-    model = load_model(str(source), **options)
+        model = load_adapter(source, **options)
+    else:
+        model = load_model(str(source), **options)
     if peft is not None and peft.r:
         from tracerl.peft_utils import apply_lora
 

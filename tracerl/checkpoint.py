@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,20 @@ from tracerl.errors import UserError
 from tracerl.peft_utils import ADAPTER_CONFIG, is_lora, load_adapter_weights, save_lora
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    """TraceRL checkpoints in output_dir, oldest step first: directories named exactly checkpoint-<step> that hold
+    a trainer_state.json. A folder of the user's (checkpoint-best-500, checkpoint-2024-06-30, one without the
+    state file) is never counted, so never moved, resumed or pruned."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
 def save_checkpoint(trainer: Any) -> Path:
@@ -61,7 +73,7 @@ def save_checkpoint(trainer: Any) -> Path:
     if backend.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        _prune(Path(tr.output_dir), tr.save_total_limit)
+        _prune(Path(tr.output_dir), tr.save_total_limit, final)
     backend.barrier()
     return final
 
@@ -90,9 +102,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _prune(root: Path, limit: int | None) -> None:
+def _prune(root: Path, limit: int | None, written: Path) -> None:
+    """Keep the newest `limit` checkpoints, always counting the one just written among them."""
     if limit:
-        for old in checkpoint_dirs(root)[:-limit]:
+        others = [p for p in checkpoint_dirs(root) if p != written]
+        for old in others[:len(others) - (limit - 1)]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -112,6 +126,10 @@ def resume_if_asked(trainer: Any) -> None:
         raise UserError(f"trainer.resume_from_checkpoint: {str(path)!r} is not a TraceRL checkpoint "
                         "(no trainer_state.json)")
     load_checkpoint(trainer, path)
+    _set_aside(trainer, [p for p in checkpoint_dirs(trainer.config.trainer.output_dir)
+                         if checkpoint_step(p) > trainer.step],
+               f"resumed from step {trainer.step}: {{n}} later checkpoints of the abandoned branch moved to "
+               "{aside}/ (they would be overwritten one by one and outrank this run's in save_total_limit)")
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
@@ -155,19 +173,24 @@ def set_aside_previous_run(trainer: Any) -> None:
     checkpoints.prev-N/ first, as metrics.jsonl moves to metrics.prev-N.jsonl: left in place they would be
     overwritten step by step, outlive this run beside its own, be what `latest` resumes, and make save_total_limit
     prune this run's checkpoints instead of theirs. Nothing is deleted. Collective under DeepSpeed."""
+    if trainer.step == 0:
+        _set_aside(trainer, checkpoint_dirs(trainer.config.trainer.output_dir),
+                   "a new run: {n} checkpoints of an earlier run moved to {aside}/ (resume a run with "
+                   "trainer.resume_from_checkpoint: latest)")
+
+
+def _set_aside(trainer: Any, found: list[Path], message: str) -> None:
+    """Move `found` (checkpoints in output_dir) into a fresh checkpoints.prev-N/; nothing is deleted. Collective."""
     backend = trainer.backend
-    if trainer.step == 0 and backend.is_main:
+    if found and backend.is_main:
         root = Path(trainer.config.trainer.output_dir)
-        found = checkpoint_dirs(root)
-        if found:
-            n = 1
-            while (aside := root / f"checkpoints.prev-{n}").exists():
-                n += 1
-            aside.mkdir()
-            for directory in found:
-                directory.rename(aside / directory.name)
-            print(f"[checkpoints] a new run: {len(found)} checkpoints of an earlier run in {root} moved to "
-                  f"{aside.name}/ (resume a run with trainer.resume_from_checkpoint: latest)", flush=True)
+        n = 1
+        while (aside := root / f"checkpoints.prev-{n}").exists():
+            n += 1
+        aside.mkdir()
+        for directory in found:
+            directory.rename(aside / directory.name)
+        print(f"[checkpoints] {message.format(n=len(found), aside=aside.name)}", flush=True)
     backend.barrier()
 
 

@@ -266,7 +266,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _config_dtype(directory: Path) -> "torch.dtype | None":
-    """The dtype a checkpoint's config.json says its weights are in (torch_dtype, or transformers 5's dtype)."""
+    """The dtype a checkpoint's weights are in: config.json's torch_dtype (transformers 5: dtype), else the
+    floating-point dtype of the safetensors themselves (LLaDA's config.json names none, only "precision")."""
     import torch
 
     try:
@@ -275,7 +276,27 @@ def _config_dtype(directory: Path) -> "torch.dtype | None":
         return None
     name = config.get("torch_dtype") or config.get("dtype")
     value = getattr(torch, name, None) if isinstance(name, str) else None
-    return value if isinstance(value, torch.dtype) else None
+    return value if isinstance(value, torch.dtype) else _weights_dtype(directory)
+
+
+def _weights_dtype(directory: Path) -> "torch.dtype | None":
+    """The floating-point dtype of the first safetensors file's tensors (read from its header, no weights loaded)."""
+    import struct
+
+    import torch
+
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with file.open("rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            continue
+        found = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+        floats = [names[d] for d in found if d in names]
+        if len(set(floats)) == 1:
+            return floats[0]
+    return None
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:

@@ -75,8 +75,11 @@ def apply_lora_config(model: DiffusionLM, config: "LoraConfig", seed: int = 0) -
     (the global generator is left as it was), so one seed gives one run."""
     from peft import get_peft_model
 
-    if is_lora(model):
-        raise UserError("the model already carries a LoRA adapter; merge it (tracerl export) before adding another")
+    if is_lora(model):  # an SFT adapter to start RL from: as TRL does, merged first, so the new adapter trains on
+        # top of it and the reference (the new adapter disabled) is the SFT model, not the base before SFT
+        merge_into_base(model)
+        print("[peft] the model's LoRA adapter was merged into its weights; a new adapter is trained on top",
+              flush=True)
     config = copy.copy(config)
     config.target_modules = resolve_targets(model.backbone, sorted(config.target_modules)
                                             if isinstance(config.target_modules, set) else config.target_modules)
@@ -111,10 +114,37 @@ def merge_lora(model: DiffusionLM) -> DiffusionLM:
     return DiffusionLM(backbone.merge_and_unload(), model.tokenizer, model.spec)
 
 
+# beside an adapter trained on top of merged ones (RL from an SFT adapter): the adapters, in order, that were merged
+# into the base first; load_adapter merges them again before putting this one on
+MERGED_ADAPTERS = "tracerl_merged_adapters.json"
+
+
+def _base_module(backbone: nn.Module) -> nn.Module:
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
+def merge_into_base(model: DiffusionLM) -> None:
+    """Fold the model's adapter into its weights (in place), remembering where it came from, so adapters trained on
+    top of the result are saved with the list of what to merge first (MERGED_ADAPTERS)."""
+    backbone = model.backbone
+    chain = list(getattr(_base_module(backbone), "_tracerl_merged_adapters", []))
+    source = getattr(backbone, "_tracerl_adapter_source", None)
+    if source is None:
+        raise UserError("the model's LoRA adapter was not loaded from a directory, so an adapter trained on top of "
+                        "it could not be loaded again; merge it first (tracerl export) and start from the result")
+    model.backbone = backbone.merge_and_unload()
+    model.backbone._tracerl_merged_adapters = chain + [source]
+
+
 def save_lora(model: DiffusionLM, path: str | Path) -> None:
     """The adapter(s) and the tokenizer; the base weights stay where model.path points (a family's published
     layout cannot hold an adapter, so this bypasses the family savers)."""
-    model.backbone.save_pretrained(str(path))
+    # never the embedding matrices (LoRA does not train them; peft would add them, ~1 GB for LLaDA-8B, when the
+    # published config's vocab_size differs from its embedding rows); modules_to_save are saved regardless
+    model.backbone.save_pretrained(str(path), save_embedding_layers=False)
+    merged = getattr(_base_module(model.backbone), "_tracerl_merged_adapters", None)
+    if merged:
+        (Path(path) / MERGED_ADAPTERS).write_text(json.dumps({"merge_into_base_first": merged}, indent=2))
     if model.tokenizer is not None:
         save_tokenizer(model.tokenizer, path)
 
@@ -126,7 +156,22 @@ def load_lora(model: DiffusionLM, adapter_dir: str | Path, trainable: bool = Fal
     if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
         raise UserError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     model.backbone = PeftModel.from_pretrained(model.backbone, str(adapter_dir), is_trainable=trainable)
+    model.backbone._tracerl_adapter_source = str(Path(adapter_dir).resolve())
     return model
+
+
+def _merge_earlier_adapters(model: DiffusionLM, adapter_dir: Path) -> None:
+    """The adapters `adapter_dir`'s adapter was trained on top of (MERGED_ADAPTERS), merged into the base in order."""
+    listing = adapter_dir / MERGED_ADAPTERS
+    if not listing.is_file():
+        return
+    for earlier in json.loads(listing.read_text())["merge_into_base_first"]:
+        if not (Path(earlier) / ADAPTER_CONFIG).is_file():
+            raise UserError(f"{adapter_dir}: the adapter was trained on top of the LoRA adapter {earlier!r} "
+                            f"({MERGED_ADAPTERS}), which is no longer there; without it the adapter would be "
+                            "applied to the wrong weights")
+        load_lora(model, earlier)
+        merge_into_base(model)
 
 
 def load_adapter(adapter_dir: str | Path, base_path: str | None = None, **load_options: Any) -> DiffusionLM:
@@ -145,6 +190,7 @@ def load_adapter(adapter_dir: str | Path, base_path: str | None = None, **load_o
         # a base published without a tokenizer (MDLM, SEDD): the run saved the one it trained with beside the adapter
         load_options = {**load_options, "tokenizer": str(adapter_dir)}
     model = load_model(str(base), **load_options)
+    _merge_earlier_adapters(model, Path(adapter_dir))
     return load_lora(model, adapter_dir, trainable=True)
 
 

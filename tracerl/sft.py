@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from transformers import get_scheduler
 
-from tracerl.checkpoint import (resume_if_asked, rng_state, save_checkpoint, set_aside_previous_run,
+from tracerl.checkpoint import (resume_if_asked, rng_state, save_checkpoint, save_weights, set_aside_previous_run,
                                 set_rng_state)
 from tracerl.config import SFTConfig
 from tracerl.distributed import LocalBackend
@@ -36,6 +36,7 @@ from tracerl.packing import pack_rows
 from tracerl.rollout.sampler import pad_prompts
 from tracerl.scoring import check_prompts
 from tracerl.tracking import MetricsLogger
+from tracerl.update import resume_schedule
 
 
 def encode_rows(model: DiffusionLM, rows: Sequence[dict[str, Any]], config: SFTConfig
@@ -153,8 +154,8 @@ class SFTRun:
                             "(model.path) instead")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer.load_state_dict(state["optimizer"])
+        resume_schedule(self.scheduler, state["scheduler"])  # after the optimizer's state, whose rates it sets
         self.masks.set_state(state["masks"])
         set_rng_state(state["rng"])
 
@@ -188,7 +189,7 @@ class SFTRun:
         if tr.save_steps:
             save_checkpoint(self)
         set_aside_previous_final(Path(tr.output_dir))  # a resumed run's earlier final/, if it had one
-        model.save_pretrained(str(final))
+        save_weights(self, final)  # the LoRA adapter alone (a published layout cannot hold one), or the model
         return history
 
     def train_step(self) -> dict[str, float]:

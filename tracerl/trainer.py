@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from tracerl import credit, losses
 from tracerl import data_parallel as dp
@@ -42,7 +44,8 @@ from tracerl.rollout import Trajectory
 from tracerl.rollout.config import derive_seed
 from tracerl.scoring import ScoredBatch, check_prompts, sample_and_score
 from tracerl.tracking import MetricsLogger
-from tracerl.update import UpdateState, accumulate, fidelity, finish, has_dropout, make_scheduler, mean_over_rows
+from tracerl.update import (UpdateState, accumulate, fidelity, finish, has_dropout, make_scheduler,
+                            mean_over_rows, resume_schedule)
 from tracerl.value import Critic, ValueModel
 
 REPLAY_STREAM = 0x5E9  # keeps the replay's random masks apart from the rollouts' seeds
@@ -67,6 +70,11 @@ class RLTrainer:
         alg, tr = config.algorithm, config.trainer
         config.validate()  # impossible combinations fail before any model work, naming the keys
         config.rollout.check_family(model.family, model.block_size)  # a sampler or cache the model cannot take
+        # the global generators (dropout, LoRA dropout) from the run's seed, as HF's Trainer does: one seed, one
+        # run (rollouts and replay masks draw from their own per-row generators regardless)
+        set_seed(tr.seed)
+        model.eval()  # train mode only inside the gradient pass: a model handed over in train mode would run the
+        # first step's old-log-prob pass with dropout on, and a resumed process would not repeat the straight run
         for what, rows in (("training", train_rows), ("eval", eval_rows or [])):  # too long, or not a prompt
             check_prompts(model, rows, config.rollout.max_completion_length, config.model.use_chat_template,
                           config.model.system_prompt, what)
@@ -76,6 +84,11 @@ class RLTrainer:
                           config.optimizer.max_grad_norm,
                           getattr(model.config, "hidden_size", None))
         ref = self._reference_model() if alg.beta > 0 and alg.kl_against == "reference" else None
+        if ref is None and alg.beta > 0 and alg.kl_against == "reference" and _adapter_already_trained(model):
+            warnings.warn("the LoRA adapter starts trained (model.path is an adapter and peft.r is unset), and the KL "
+                          "reference is the model with its adapter disabled: the base before that training, which "
+                          "the KL term then pulls the policy back to. Set peft.r to merge the adapter and train a "
+                          "new one on top (the reference is then the adapter's model), as TRL does", stacklevel=2)
         self.ref_model = None if ref is None else self.backend.prepare_frozen(ref, spec)
         self._prepare_trainables(spec)
         self.sampler = PromptSampler(len(train_rows), seed=tr.seed)
@@ -166,7 +179,6 @@ class RLTrainer:
                             "settings that wrote it")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if not self.backend.engine_checkpoints:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.critic is not None:
@@ -174,6 +186,7 @@ class RLTrainer:
                     raise UserError("the checkpoint has no value model but algorithm.use_value_model is on")
                 self.critic.load_state_dict(state["critic"])
             set_rng_state(state["rng"])
+        resume_schedule(self.scheduler, state["scheduler"])  # after the optimizer's state, whose rates it sets
 
     def _schedule_shape(self) -> dict[str, int]:
         """The settings that fix how many optimizer (and scheduler) steps one RL step takes."""
@@ -475,6 +488,7 @@ class RLTrainer:
         if alg.old_logprobs == "rollout":
             return [traj.behaviour_logprob] * len(replays)
         out: list[torch.Tensor | None] = []
+        self.model.eval()  # (the docstring's eval-mode pass, whatever mode the model was left in)
         # the first epoch's gradient pass runs the pre-update weights only while nothing has stepped: with several
         # optimizer steps per epoch, or dropout, the old scores get their own eval-mode pass
         own_pass = has_dropout(self.model) or self.config.trainer.optimizer_steps_per_epoch > 1
@@ -595,6 +609,11 @@ class RLTrainer:
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------
+def _adapter_already_trained(model: DiffusionLM) -> bool:
+    """A LoRA adapter whose B matrices are not all zero (a fresh one starts at B = 0: disabled == enabled)."""
+    return any(p.detach().abs().sum().item() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def _is_value(p: torch.nn.Parameter, trainer: RLTrainer) -> bool:
     """A LoRA value adapter lives inside the policy's peft model; the policy optimizer must not own it."""
     vm = trainer.value_model

@@ -103,6 +103,20 @@ def _constant(_: int) -> float:
     return 1.0
 
 
+def resume_schedule(scheduler: Any, state: dict) -> None:
+    """Load a checkpoint's scheduler state and set each group's learning rate to what the schedule gives at that
+    step. The optimizer's state holds the rate the old run last used: resumed with a larger trainer.max_steps (the
+    schedule now spans more steps), the first resumed step would otherwise train at the old schedule's end (0 for
+    linear decay) instead of the new schedule's rate."""
+    scheduler.load_state_dict(state)
+    if isinstance(scheduler, LambdaLR):
+        step = scheduler.last_epoch
+        rates = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates  # what get_last_lr() reports
+
+
 def accumulate(sums: dict[str, float], metrics: dict[str, float], tokens: float, loss: float | None) -> None:
     """Token-weighted running sums of per-chunk metric means, each over the tokens of the chunks that report it."""
     for k, v in metrics.items():

@@ -478,3 +478,8 @@ def test_export_writes_the_dtype_the_base_was_published_in(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert main(["export", str(tmp_path / "bf16"), "--output", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
     assert json.loads((tmp_path / "f32" / "config.json").read_text())["torch_dtype"] == "float32"
+    # LLaDA's published config.json names no torch_dtype (only "precision": "amp_bf16"): read off the weights
+    write_llada(tmp_path / "published", dtype=torch.bfloat16, shards=2)
+    assert "torch_dtype" not in json.loads((tmp_path / "published" / "config.json").read_text())
+    assert main(["export", str(tmp_path / "published"), "--output", str(tmp_path / "out2")]) == 0
+    assert json.loads((tmp_path / "out2" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -196,8 +196,22 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None
     path.mkdir(parents=True, exist_ok=True)
     if source.resolve() == path.resolve():
         return
-    for file in files:
+    for file in files + _tokenizer_code(source):
         shutil.copy2(file, path / file.name)
+
+
+def _tokenizer_code(source: Path) -> list[Path]:
+    """The remote-code files tokenizer_config.json's auto_map names (Dream's tokenization_dream.py): without them
+    the copied config points at code the directory does not hold."""
+    import json
+
+    try:
+        auto_map = json.loads((source / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    modules = {r.split("--")[-1].rsplit(".", 1)[0] for r in refs if "." in r}  # "repo--module.Class" -> module
+    return [source / f"{m}.py" for m in sorted(modules) if (source / f"{m}.py").is_file()]
 
 
 def _import_families() -> None:
