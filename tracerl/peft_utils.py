@@ -150,13 +150,45 @@ def save_lora(model: DiffusionLM, path: str | Path) -> None:
 
 
 def load_lora(model: DiffusionLM, adapter_dir: str | Path, trainable: bool = False) -> DiffusionLM:
-    """Put a saved adapter (a checkpoint's model/ directory) on a base model."""
-    from peft import PeftModel
+    """Put a saved adapter (a checkpoint's model/ directory) on a base model. Every saved adapter weight must land
+    on a module of the model: peft alone drops the ones it cannot place with a warning, leaving the base model."""
+    import tempfile
 
-    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-    model.backbone = PeftModel.from_pretrained(model.backbone, str(adapter_dir), is_trainable=trainable)
-    model.backbone._tracerl_adapter_source = str(Path(adapter_dir).resolve())
+    try:
+        saved = load_peft_weights(str(adapter_dir), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign weights file
+        raise UserError(f"{adapter_dir}: could not read the adapter's weights ({type(exc).__name__}: {exc})") from None
+    with tempfile.TemporaryDirectory() as converted:
+        source = adapter_dir
+        if model.family == "llada":
+            from tracerl.models import llada
+
+            if llada.is_published_adapter(list(saved)):  # trained with peft on the published LLaDA code
+                from safetensors.torch import save_file
+
+                saved, config = llada.adapter_onto_llama(saved, json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+                save_file({k: v.contiguous() for k, v in saved.items()}, str(Path(converted) / "adapter_model.safetensors"))
+                (Path(converted) / ADAPTER_CONFIG).write_text(json.dumps(config))
+                source = Path(converted)
+        try:
+            model.backbone = PeftModel.from_pretrained(model.backbone, str(source), is_trainable=trainable)
+        except (ValueError, RuntimeError, KeyError) as exc:  # target modules not found, shapes that differ
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # torch's header line
+            raise UserError(f"{adapter_dir}: the adapter does not fit the {model.family} model at "
+                            f"{_base_path(model.backbone) or 'its base'} ({detail[:300]})") from None
+    placed = set(get_peft_model_state_dict(model.backbone))
+    lost = sorted(k for k in saved if k not in placed)
+    if lost:
+        raise UserError(f"{adapter_dir}: {len(lost)} of the adapter's {len(saved)} weights fit no module of the "
+                        f"{model.family} model (e.g. {lost[0]}); was it trained on another model or module layout?")
+    model.backbone._tracerl_adapter_source = str(adapter_dir.resolve())
     return model
 
 

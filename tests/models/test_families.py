@@ -483,3 +483,55 @@ def test_export_writes_the_dtype_the_base_was_published_in(tmp_path):
     assert "torch_dtype" not in json.loads((tmp_path / "published" / "config.json").read_text())
     assert main(["export", str(tmp_path / "published"), "--output", str(tmp_path / "out2")]) == 0
     assert json.loads((tmp_path / "out2" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_a_lora_adapter_trained_on_the_published_llada_code_loads_with_its_weights(tmp_path):
+    """peft on the published LLaDA code names modules model.transformer.blocks.N.{q_proj, attn_out, ff_proj, ...}:
+    renamed onto the Llama modules, the adapter computes what W + (alpha / r) B A written into the published
+    checkpoint computes (the reference is built from the LoRA equation, on the published tensor names)."""
+    from safetensors.torch import save_file
+
+    from tracerl.build import build_model
+    from tracerl.config import ModelConfig
+
+    write_llada(tmp_path / "base")
+    weights = load_file(str(tmp_path / "base" / "model.safetensors"))
+    r, alpha, gen = 4, 8, torch.Generator().manual_seed(0)
+    adapter, merged = {}, dict(weights)
+    for i in range(2):
+        for module in ("q_proj", "attn_out", "ff_proj", "ff_out"):
+            name = f"model.transformer.blocks.{i}.{module}"
+            out_dim, in_dim = weights[name + ".weight"].shape
+            a, b = torch.randn(r, in_dim, generator=gen) * 0.3, torch.randn(out_dim, r, generator=gen) * 0.3
+            adapter[f"base_model.model.{name}.lora_A.weight"] = a
+            adapter[f"base_model.model.{name}.lora_B.weight"] = b
+            merged[name + ".weight"] = weights[name + ".weight"] + (alpha / r) * b @ a
+    (tmp_path / "adapter").mkdir()
+    save_file(adapter, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "base"), "r": r, "lora_alpha": alpha,
+        "lora_dropout": 0.0, "target_modules": ["q_proj", "attn_out", "ff_proj", "ff_out"], "task_type": "CAUSAL_LM",
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True}))
+    write_llada(tmp_path / "merged")
+    save_file(merged, str(tmp_path / "merged" / "model.safetensors"))
+    model = build_model(ModelConfig(path=str(tmp_path / "adapter"), device="cpu"))
+    reference = load_model(str(tmp_path / "merged"), device="cpu")
+    ids = ids_for(model, "hello world")
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids), reference.logits(ids), rtol=1e-4, atol=1e-4)
+        assert (model.logits(ids) - load_model(str(tmp_path / "base"), device="cpu").logits(ids)).abs().max() > 1e-2
+    # an adapter whose modules fit nothing is refused by name, not silently dropped
+    bad = {k.replace("q_proj", "query_key_value"): v for k, v in adapter.items() if "q_proj" in k}
+    save_file(bad, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=r"no Llama module for the published module 'query_key_value'"):
+        build_model(ModelConfig(path=str(tmp_path / "adapter"), device="cpu"))
+
+
+def test_an_adapter_for_another_model_is_refused_naming_the_misfit(tmp_path):
+    from tracerl.config import PeftSection
+    from tracerl.models import build_tiny_model
+    from tracerl.peft_utils import apply_lora, load_lora, save_lora
+
+    save_lora(apply_lora(build_tiny_model("llama", hidden_size=32), PeftSection(r=4)), tmp_path / "a")
+    with pytest.raises(UserError, match=r"the adapter does not fit .*size mismatch for .*q_proj\.lora_A"):
+        load_lora(build_tiny_model("llama", hidden_size=64), tmp_path / "a")

@@ -201,3 +201,46 @@ def save_llada(model: DiffusionLM, path: Path, **kwargs: Any) -> None:
 
 
 FAMILY_SAVERS[MODEL_TYPE] = save_llada
+
+
+# ---- LoRA adapters trained on the published code -------------------------------------------------------------
+_PUBLISHED_LORA_KEY = re.compile(r"(.*?)model\.transformer\.(?:blocks\.(\d+)\.)?(\w+)\.(lora_\w+)(.*)")
+_TOP_MODULES = {"wte": "model.embed_tokens", "ff_out": "lm_head"}
+
+
+def is_published_adapter(keys: list[str]) -> bool:
+    """An adapter saved by peft on the published LLaDA code (its module names: model.transformer.blocks.N.q_proj)."""
+    return any(".transformer.blocks." in k for k in keys)
+
+
+def adapter_onto_llama(weights: dict[str, Any], config: dict) -> tuple[dict[str, Any], dict]:
+    """A published-code LLaDA adapter renamed onto the Llama modules TraceRL loads LLaDA into: the weights'
+    names (model.transformer.blocks.N.attn_out.lora_A.weight -> model.layers.N.self_attn.o_proj.lora_A.weight)
+    and adapter_config.json's target_modules (attn_out -> o_proj, ff_proj -> gate_proj, ff_out -> down_proj)."""
+    renamed = {}
+    top_level = False
+    for key, value in weights.items():
+        match = _PUBLISHED_LORA_KEY.fullmatch(key)
+        if match is None:
+            renamed[key] = value
+            continue
+        prefix, layer, module, lora, rest = match.groups()
+        if layer is None:
+            if module not in _TOP_MODULES:
+                raise UserError(f"LLaDA adapter: no Llama module for the published module model.transformer.{module}")
+            target, top_level = _TOP_MODULES[module], top_level or module == "ff_out"
+        elif module in BLOCK_NAMES:
+            target = f"model.layers.{layer}.{BLOCK_NAMES[module]}"
+        else:
+            raise UserError(f"LLaDA adapter: no Llama module for the published module {module!r} ({key})")
+        renamed[f"{prefix}{target}.{lora}{rest}"] = value
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise UserError(f"LLaDA adapter: target_modules {targets!r} is a pattern over the published module names; "
+                        "give a list of module names instead")
+    if isinstance(targets, list):
+        leaves = {BLOCK_NAMES[t].rsplit(".", 1)[-1] if t in BLOCK_NAMES else t for t in targets}
+        if top_level:
+            leaves.add("lm_head")
+        config = {**config, "target_modules": sorted(leaves)}
+    return renamed, config
