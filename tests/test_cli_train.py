@@ -83,6 +83,18 @@ def test_train_logs_wandb_offline_resumes_and_evaluates(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert len(rows) == 32 and {"prompt", "completion", "reward", "rewards", "unmask_step", "steps"} <= set(rows[0])
     assert "accuracy" in out.stdout
+    # another evaluation keeps the first one's results beside its own; one writing over its input is refused
+    out = cli("eval", "recipes/cpu_quickstart.yaml", "--checkpoint", str(run / "checkpoint-2"),
+              f"trainer.output_dir={run}", "data.max_eval_samples=2")
+    assert out.returncode == 0, out.stderr
+    assert len((run / "eval.prev-1.jsonl").read_text().splitlines()) == 32
+    data = tmp_path / "eval_data.jsonl"
+    data.write_text((ROOT / "recipes/data/arith_test.jsonl").read_text())
+    before = data.read_text()
+    out = cli("eval", "recipes/cpu_quickstart.yaml", f"model.path={tiny_dir}", f"data.eval_files=[{data}]",
+              f"eval.output_file={data}")
+    assert out.returncode == 2 and "is one of this run's inputs" in out.stderr
+    assert data.read_text() == before
 
 
 def test_sft_command(tiny_dir, tmp_path):
@@ -187,7 +199,7 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_the_run(tmp_pa
     with pytest.raises(UserError, match="eval.output_file: cannot write '/proc/tracerl-test/eval.jsonl'"):
         _check_writable(Path("/proc/tracerl-test/eval.jsonl"), "eval.output_file")
     _check_writable(tmp_path / "new" / "run", "trainer.output_dir", directory=True)
-    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())  # probe removed
+    assert not list(tmp_path.iterdir())  # nothing created before the data and rewards are checked, probe removed
 
 
 def test_a_thread_left_running_does_not_keep_the_finished_process_alive():

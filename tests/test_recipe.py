@@ -195,3 +195,15 @@ def test_a_section_with_every_key_commented_out_keeps_its_defaults(tmp_path):
     path.write_text("rollout:\n  # steps: 8\ntrainer:\n  max_steps: 3\n")
     cfg = load_config(str(path))
     assert cfg.rollout == RLConfig().rollout and cfg.trainer.max_steps == 3
+
+
+def test_a_hash_in_an_override_is_text_not_a_yaml_comment():
+    cfg = load_config(None, ["model.system_prompt=#1 rule: be brief", "data.prompt_template=Q{question} #",
+                             "trainer.output_dir=runs/#3"])
+    assert cfg.model.system_prompt == "#1 rule: be brief"
+    assert cfg.data.prompt_template == "Q{question} #"
+    assert cfg.trainer.output_dir == "runs/#3"
+    with pytest.raises(UserError, match=r"trainer.max_steps"):
+        load_config(None, ["trainer.max_steps=3 # three"])  # not silently 3
+    with pytest.raises(UserError, match=r"trainer.output_dir: '' is empty"):
+        load_config(None, ["trainer.output_dir="])

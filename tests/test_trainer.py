@@ -243,6 +243,65 @@ def test_checkpoint_housekeeping_leaves_the_users_folders_and_the_new_branch_alo
     assert best.is_dir() and dated.is_dir()  # a fresh run sets aside only TraceRL's checkpoints
 
 
+def test_resuming_into_another_runs_directory_sets_that_run_aside(tmp_path):
+    """A checkpoint from elsewhere resumed into an output_dir holding another run: that run's checkpoints and
+    metrics are set aside (as for a fresh run), never pruned, overwritten or truncated."""
+    other = tmp_path / "other" / "run"
+    RLTrainer(make_config(tmp_path / "other", False, trainer={"max_steps": 3, "save_steps": 1}), tiny(False, seed=1),
+              distinct_chars, ROWS).train()
+    before = (other / "checkpoint-3" / "model" / "model.safetensors").read_bytes()
+    RLTrainer(make_config(tmp_path / "mine", False, trainer={"max_steps": 1}), tiny(False), distinct_chars,
+              ROWS).train()
+    into_other = make_config(tmp_path / "other", False, trainer={
+        "max_steps": 3, "save_steps": 1, "save_total_limit": 1,
+        "resume_from_checkpoint": str(tmp_path / "mine" / "run" / "checkpoint-1")})
+    RLTrainer(into_other, tiny(False), distinct_chars, ROWS).train()
+    aside = other / "checkpoints.prev-1"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert (aside / "checkpoint-3" / "model" / "model.safetensors").read_bytes() == before
+    assert [m["step"] for m in read_metrics(other / "metrics.prev-1.jsonl")] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(other / "metrics.jsonl")] == [2, 3]
+    assert sorted(p.name for p in other.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_a_finished_run_resumed_again_does_nothing_and_one_past_max_steps_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 2}), tiny(False), distinct_chars, ROWS).train()
+    stamp = (run / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
+    again = make_config(tmp_path, False, trainer={"max_steps": 2, "resume_from_checkpoint": "latest"})
+    assert RLTrainer(again, tiny(False), distinct_chars, ROWS).train() == []
+    assert "nothing to train" in capsys.readouterr().out
+    assert (run / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == stamp
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    fewer = make_config(tmp_path, False, trainer={"max_steps": 1, "resume_from_checkpoint": "latest"})
+    with pytest.raises(UserError, match=r"checkpoint-2 is at step 2, past trainer.max_steps=1"):
+        RLTrainer(fewer, tiny(False), distinct_chars, ROWS).train()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "trainer_state.json").write_text("{not json"), r"trainer_state.json cannot be read as JSON"),
+    (lambda c: (c / "trainer_state.json").write_text("[]"), r"is not a TraceRL checkpoint's state"),
+    (lambda c: (c / "training_state.pt").write_bytes(b"garbage"), r"training_state.pt cannot be read"),
+    (lambda c: (c / "training_state.pt").unlink(), r"training_state.pt is missing; the checkpoint is incomplete"),
+])
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path, damage, message):
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
+    damage(tmp_path / "run" / "checkpoint-1")
+    config = make_config(tmp_path, False, trainer={"max_steps": 2, "resume_from_checkpoint": "latest"})
+    with pytest.raises(UserError, match=r"trainer.resume_from_checkpoint: .*" + message):
+        RLTrainer(config, tiny(False), distinct_chars, ROWS).train()
+
+
+def test_resuming_with_other_data_or_seed_is_refused(tmp_path):
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
+    latest = {"max_steps": 2, "resume_from_checkpoint": "latest"}
+    with pytest.raises(UserError, match=rf"the training data's rows {len(ROWS)} -> 2"):
+        RLTrainer(make_config(tmp_path, False, trainer=latest), tiny(False), distinct_chars, ROWS[:2]).train()
+    with pytest.raises(UserError, match=r"trainer.seed 0 -> 5"):
+        RLTrainer(make_config(tmp_path, False, trainer={**latest, "seed": 5}), tiny(False), distinct_chars,
+                  ROWS).train()
+
+
 def test_resuming_another_models_checkpoint_names_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()

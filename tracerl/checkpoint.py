@@ -126,14 +126,55 @@ def resume_if_asked(trainer: Any) -> None:
         raise UserError(f"trainer.resume_from_checkpoint: {str(path)!r} is not a TraceRL checkpoint "
                         "(no trainer_state.json)")
     load_checkpoint(trainer, path)
-    _set_aside(trainer, [p for p in checkpoint_dirs(trainer.config.trainer.output_dir)
-                         if checkpoint_step(p) > trainer.step],
-               f"resumed from step {trainer.step}: {{n}} later checkpoints of the abandoned branch moved to "
-               "{aside}/ (they would be overwritten one by one and outrank this run's in save_total_limit)")
+    output_dir = Path(trainer.config.trainer.output_dir)
+    trainer.resumed_elsewhere = path.resolve().parent != output_dir.resolve()
+    max_steps = trainer.config.trainer.max_steps
+    if trainer.step > max_steps:
+        raise UserError(f"trainer.resume_from_checkpoint: {path} is at step {trainer.step}, past "
+                        f"trainer.max_steps={max_steps}; raise max_steps to train on from it")
+    if trainer.step == max_steps:  # a finished job run again: nothing to train, and nothing is rewritten
+        return
+    if trainer.resumed_elsewhere:  # output_dir holds another run: its checkpoints are set aside, not pruned
+        _set_aside(trainer, checkpoint_dirs(output_dir),
+                   f"resumed from {path}, outside trainer.output_dir: {{n}} checkpoints of another run in "
+                   f"{output_dir} moved to {{aside}}/")
+    else:
+        _set_aside(trainer, [p for p in checkpoint_dirs(output_dir) if checkpoint_step(p) > trainer.step],
+                   f"resumed from step {trainer.step}: {{n}} later checkpoints of the abandoned branch moved to "
+                   "{aside}/ (they would be overwritten one by one and outrank this run's in save_total_limit)")
+
+
+def already_finished(trainer: Any) -> bool:
+    """Resumed at trainer.max_steps (`latest` of a finished job): there is nothing to train; say so."""
+    if trainer.step < trainer.config.trainer.max_steps:
+        return False
+    if trainer.backend.is_main:
+        print(f"[checkpoints] nothing to train: the run in {trainer.config.trainer.output_dir} is already at "
+              f"trainer.max_steps={trainer.config.trainer.max_steps} (raise it to train on); nothing was changed",
+              flush=True)
+    return True
+
+
+def _read(path: Path, what: str, read: Any) -> Any:
+    """A checkpoint file, or a UserError naming it (damaged, cut short by a full disk, or missing)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise UserError(f"trainer.resume_from_checkpoint: {path} is missing; the checkpoint is incomplete "
+                        "(resume from another)") from None
+    except Exception as exc:  # noqa: BLE001 - JSON / pickle / zip errors of a damaged file
+        raise UserError(f"trainer.resume_from_checkpoint: {path} cannot be read as {what} ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); the checkpoint is damaged (resume from another)") from None
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
-    meta = json.loads((path / "trainer_state.json").read_text())
+    meta = _read(path / "trainer_state.json", "JSON", lambda p: json.loads(p.read_text()))
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise UserError(f"trainer.resume_from_checkpoint: {path / 'trainer_state.json'} is not a TraceRL "
+                        "checkpoint's state (no step)")
+    if not (path / "model").is_dir():
+        raise UserError(f"trainer.resume_from_checkpoint: {path} has no model/ directory; the checkpoint is "
+                        "incomplete (resume from another)")
     backend = trainer.backend
     written_by_ds = bool(meta.get("deepspeed", False))
     if written_by_ds != backend.engine_checkpoints:
@@ -149,7 +190,8 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
             raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")
         for name, engine in engines.items():
             engine.load(path / "deepspeed", name)
-        set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", map_location="cpu", weights_only=False))
+        set_rng_state(_read(path / f"rng_state_{backend.rank}.pt", "a torch file",
+                            lambda p: torch.load(p, map_location="cpu", weights_only=False)))
     else:
         try:
             _load_weights(trainer.model, path / "model")
@@ -157,7 +199,10 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
             raise UserError(f"trainer.resume_from_checkpoint: {path} does not fit this run's model "
                             f"({str(exc).strip().splitlines()[-1].strip()}); resume with the model.path and peft "
                             "settings of the run that wrote it") from None
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    state = _read(path / "training_state.pt", "a torch file",
+                  lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if not isinstance(state, dict):
+        raise UserError(f"trainer.resume_from_checkpoint: {path / 'training_state.pt'} is not a training state")
     state.setdefault("step", meta["step"])  # checkpoints before the state held them
     state.setdefault("sampler", meta["sampler"])
     if "critic" not in state and "value_model" in state:

@@ -156,8 +156,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
                             "empty (a missing cell?); drop the row")
     model = build_model(config.model, config.peft, seed=config.trainer.seed)
     history = train_sft(model, rows, config)
-    print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}; model in "
-          f"{config.trainer.output_dir}/final")
+    if history:  # (none: a finished run resumed again, said so)
+        print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}; model in "
+              f"{config.trainer.output_dir}/final")
     return 0
 
 
@@ -171,13 +172,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)
     rows = load_rows(config.data, "eval")
     out = Path(config.eval.output_file or Path(config.trainer.output_dir) / "eval.jsonl")
-    _check_writable(out, "eval.output_file" if config.eval.output_file else "trainer.output_dir")
+    key = "eval.output_file" if config.eval.output_file else "trainer.output_dir"
+    _check_writable(out, key)
+    inputs = [Path(args.recipe), *map(Path, config.data.train_files or []), *map(Path, config.data.eval_files or [])]
+    clash = next((p for p in inputs if p.exists() and out.exists() and p.resolve() == out.resolve()), None)
+    if clash is not None:
+        raise UserError(f"{key}: {str(out)!r} is one of this run's inputs ({clash}); write the results elsewhere")
     rewards = build_rewards(config)
     check_reward_columns(rewards, rows, "the eval data")
     model = build_model(config.model, None, path=args.checkpoint or config.model.path)
     check_prompts(model, rows, config.rollout.max_completion_length, config.model.use_chat_template,
                   config.model.system_prompt, "eval")  # before the first batch, not in the middle
     summary, records = evaluate(model, rows, rewards, config, progress=True)
+    if out.exists():  # an earlier evaluation's results: kept beside, as metrics.jsonl's are
+        n = 1
+        while (aside := out.with_name(f"{out.stem}.prev-{n}{out.suffix}")).exists():
+            n += 1
+        out.rename(aside)
+        print(f"[eval] {out} held earlier results: moved to {aside.name}")
     write_jsonl(out, records)
     for key, value in summary.items():
         print(f"{key:>28}: {value:.4f}")
@@ -195,9 +207,10 @@ def _check_writable(out: Path, key: str, directory: bool = False) -> None:
     import tempfile
 
     target = out if directory else out.parent
-    try:  # create it and write a probe: a read-only or unreachable place fails now
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target, prefix=".tracerl-write-test-"):
+    probe_in = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    try:  # write a probe where the output will go (or its nearest existing parent, creating nothing before the
+        # data and rewards are checked): a read-only or unreachable place fails now
+        with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".tracerl-write-test-"):
             pass
     except OSError as exc:
         raise UserError(f"{key}: cannot write {str(out)!r}: {exc.strerror or exc}") from None

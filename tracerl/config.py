@@ -60,6 +60,13 @@ def _check_scheduler(name: str) -> None:
 MAX_SEED = 2**32 - 1
 
 
+def _check_output_dir(output_dir: object) -> None:
+    """An empty output_dir would write checkpoints and metrics.jsonl into the current directory, where the next
+    fresh run would set them aside as another run's."""
+    if not isinstance(output_dir, str) or not output_dir.strip():
+        raise UserError(f"trainer.output_dir: {output_dir!r} is empty; name the directory the run writes to")
+
+
 def _check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:  # the prompt order's generator takes seed * 1_000_003 + epoch as a 64-bit int
         raise UserError(f"trainer.seed: must lie in [0, {MAX_SEED}], got {seed}")
@@ -277,6 +284,7 @@ class TrainerConfig:
         _non_negative("trainer", replay_batch_size=self.replay_batch_size, save_steps=self.save_steps,
                       eval_steps=self.eval_steps)
         _check_seed(self.seed)
+        _check_output_dir(self.output_dir)
         _positive("trainer", steps_per_generation=self.steps_per_generation)
         if self.steps_per_generation is not None and self.steps_per_generation % self.gradient_accumulation_steps:
             raise UserError(f"trainer.steps_per_generation={self.steps_per_generation} is not a multiple of "
@@ -316,6 +324,7 @@ class SFTTrainerConfig:
                   save_total_limit=self.save_total_limit)
         _non_negative("trainer", save_steps=self.save_steps)
         _check_seed(self.seed)
+        _check_output_dir(self.output_dir)
 
 
 @dataclass

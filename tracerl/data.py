@@ -40,6 +40,15 @@ class PromptSampler:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_rows": self.num_rows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """A checkpoint's position; refused when it was taken over other data or another seed: the position
+        would then name other prompts, and the resumed run would not continue the one that wrote it."""
+        changed = [f"{what} {state[key]} -> {now}" for key, what, now in (
+            ("num_rows", "the training data's rows", self.num_rows), ("seed", "trainer.seed", self.seed))
+            if key in state and int(state[key]) != now]
+        if changed:
+            raise UserError(f"the checkpoint was written by a run with other data or seed ({'; '.join(changed)}); "
+                            "resume with the data and trainer.seed of the run that wrote it, or start the new "
+                            "run from its model/ directory (model.path)")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 

@@ -88,10 +88,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise UserError(f"override {item!r} is not of the form key.path=value")
     key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
+    if "#" in text and text.lstrip()[:1] not in ("'", '"', "[", "{"):
+        value: Any = text  # YAML would read `#...` as a comment and cut it (a prompt "#1 rule: ..." became null)
+    else:
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import torch
 from transformers import get_scheduler
 
-from tracerl.checkpoint import (resume_if_asked, rng_state, save_checkpoint, save_weights, set_aside_previous_run,
-                                set_rng_state)
+from tracerl.checkpoint import (already_finished, resume_if_asked, rng_state, save_checkpoint, save_weights,
+                                set_aside_previous_run, set_rng_state)
 from tracerl.config import SFTConfig
 from tracerl.distributed import LocalBackend
 from tracerl.data import PromptSampler
@@ -134,6 +134,7 @@ class SFTRun:
         tr, o = config.trainer, config.optimizer
         torch.manual_seed(tr.seed)  # dropout draws from the global generator (a resumed run restores its state)
         self.model, self.config, self.backend, self.step = model, config, LocalBackend(), 0
+        self.resumed_elsewhere = False  # set by resume_if_asked: the checkpoint lies outside trainer.output_dir
         self.prompts, self.responses = encode_rows(model, rows, config)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
@@ -168,12 +169,14 @@ class SFTRun:
         if final.exists() and not final.is_dir():  # found now, not after the training it would lose
             raise UserError(f"trainer.output_dir: {str(final)!r} is a file; the model is saved there (move it away)")
         resume_if_asked(self)
-        if self.step == 0:  # a fresh run: an earlier run's checkpoints and model are set aside, not mixed in
+        if already_finished(self):
+            return []
+        if self.step == 0 or self.resumed_elsewhere:  # an earlier run's model is set aside, not mixed in
             set_aside_previous_run(self)
             set_aside_previous_final(Path(tr.output_dir))
         logger = MetricsLogger(tr.output_dir, self.config.logging.report_to, project=self.config.logging.project,
                                run_name=self.config.logging.run_name, logging_steps=tr.logging_steps,
-                               start_step=self.step)
+                               start_step=self.step, resumed_elsewhere=self.resumed_elsewhere)
         history = []
         model.train()
         while self.step < tr.max_steps:

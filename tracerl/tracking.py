@@ -23,8 +23,10 @@ class MetricsLogger:
         is_main: bool = True,
         logging_steps: int = 1,
         start_step: int = 0,
+        resumed_elsewhere: bool = False,
     ):
-        """start_step: the step the run starts from (a resumed run's checkpoint step; 0 = a fresh run)."""
+        """start_step: the step the run starts from (a resumed run's checkpoint step; 0 = a fresh run);
+        resumed_elsewhere: the checkpoint lies outside output_dir, so a metrics file there is another run's."""
         self.is_main = is_main
         self.logging_steps = max(1, logging_steps)
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -32,8 +34,8 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._adopt_existing(start_step)
+        if self.path.exists():  # a run resumed from another directory's checkpoint: this file is another run's
+            self._adopt_existing(0 if resumed_elsewhere else start_step)
         if "wandb" in (report_to or []):
             import wandb
 

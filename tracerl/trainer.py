@@ -67,6 +67,7 @@ class RLTrainer:
         # held-out rows evaluated every trainer.eval_steps (metrics eval/*)
         self.eval_rows = None if eval_rows is None else uniform_columns(eval_rows)
         self.backend = backend or LocalBackend()
+        self.resumed_elsewhere = False  # set by resume_if_asked: the checkpoint lies outside trainer.output_dir
         alg, tr = config.algorithm, config.trainer
         config.validate()  # impossible combinations fail before any model work, naming the keys
         config.rollout.check_family(model.family, model.block_size)  # a sampler or cache the model cannot take
@@ -203,14 +204,16 @@ class RLTrainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        from tracerl.checkpoint import resume_if_asked, save_checkpoint, set_aside_previous_run
+        from tracerl.checkpoint import already_finished, resume_if_asked, save_checkpoint, set_aside_previous_run
 
         tr, log = self.config.trainer, self.config.logging
         resume_if_asked(self)
+        if already_finished(self):
+            return []
         set_aside_previous_run(self)
         logger = MetricsLogger(tr.output_dir, log.report_to, config=asdict(self.config), project=log.project,
                                run_name=log.run_name, is_main=self.backend.is_main, logging_steps=tr.logging_steps,
-                               start_step=self.step)
+                               start_step=self.step, resumed_elsewhere=self.resumed_elsewhere)
         bar = tqdm(total=tr.max_steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
                    disable=not self.backend.is_main)
         history = []
