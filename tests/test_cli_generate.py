@@ -40,6 +40,8 @@ def test_generate_prints_completion_and_unmask_order(block_dir, tmp_path):
     (["--prompt", "x" * 70], "exceeds the model's maximum length 64"),
     (["--cache", "elastic:gx"], "--cache: cache 'elastic:gx': knobs are"),
     (["--cache", "elastic"], "rollout.cache=elastic is for full-attention models"),  # this model is block diffusion
+    (["--save-trajectory", "/tmp"], "--save-trajectory: '/tmp' is a directory"),  # a traceback after generating
+    (["--plot", "/proc/version/x.png"], "--plot: cannot write '/proc/version/x.png'"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(block_dir, args, message):
     base = {"--model": str(block_dir), "--prompt": "hi", "--max-completion-length": "8"}

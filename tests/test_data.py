@@ -63,9 +63,10 @@ def test_chat_message_prompts_pass_through(tmp_path):
 
 
 def test_missing_columns_fail_early_naming_what_was_found(files):
-    with pytest.raises(UserError, match=r"column 'prompt' not found in row 0; columns found: \['meta', 'puzzle'"):
+    with pytest.raises(UserError, match=r"column 'prompt' not found in row 0 of data.train_files \[.*d.jsonl'\]; "
+                                        r"columns found: \['meta', 'puzzle'"):
         load_rows(DataConfig(train_files=[str(files["jsonl"])]))
-    with pytest.raises(UserError, match="uses column 'grid', which row 0 lacks"):
+    with pytest.raises(UserError, match=r"uses column 'grid', which row 0 of data.train_files \[.*\] lacks"):
         load_rows(DataConfig(train_files=[str(files["jsonl"])], prompt_template="{grid}"))
     with pytest.raises(UserError, match="data file .*nope.jsonl' does not exist"):
         load_rows(DataConfig(train_files=["nope.jsonl"]))
@@ -118,15 +119,54 @@ def test_data_without_rows_is_an_error_naming_it(tmp_path):
     with pytest.raises(UserError, match=r"data files \[.*d.csv'\]: could not be read"):
         load_rows(DataConfig(eval_files=[str(tmp_path / "d.csv")]), "eval")
     # a saved dataset with no rows used to evaluate nothing and write an empty result, exit code 0
-    datasets.Dataset.from_dict({"prompt": ["a"]}).filter(lambda r: False).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"prompt": ["a"]}, split="test").filter(lambda r: False).save_to_disk(
+        str(tmp_path / "ds"))
     with pytest.raises(UserError, match=r"data.dataset_name '.*ds' \(split 'test'\): no rows"):
         load_rows(DataConfig(dataset_name=str(tmp_path / "ds")), "eval")
 
 
-def test_a_directory_that_is_not_a_saved_dataset_names_it(tmp_path):
-    (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n')  # a folder of data files, not save_to_disk's layout
-    with pytest.raises(UserError, match=r"data.dataset_name '.*': not a dataset saved by datasets' save_to_disk"):
-        load_rows(DataConfig(dataset_name=str(tmp_path)))
+def test_a_dataset_folder_of_files_loads_as_datasets_reads_it_and_an_empty_one_is_named(tmp_path):
+    """A dataset repository's layout (data/train-*.parquet, data/test-*.parquet) loads by split, as
+    datasets.load_dataset(dir) reads it; a folder with no data files is refused naming it."""
+    import pandas as pd
+
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    pd.DataFrame([{"prompt": "a"}]).to_parquet(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
+    pd.DataFrame([{"prompt": "b"}]).to_parquet(tmp_path / "ds" / "data" / "test-00000-of-00001.parquet")
+    cfg = DataConfig(dataset_name=str(tmp_path / "ds"))
+    assert [r["prompt"] for r in load_rows(cfg)] == ["a"]
+    assert [r["prompt"] for r in load_rows(cfg, "eval")] == ["b"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"data.dataset_name '.*empty' \(split 'train'\): neither a save_to_disk "
+                                        r"directory nor a dataset of files"):
+        load_rows(DataConfig(dataset_name=str(tmp_path / "empty")))
+
+
+def test_globs_bom_csv_and_a_malformed_line_named(tmp_path):
+    for i in range(2):
+        (tmp_path / f"part-{i}.jsonl").write_text(json.dumps({"prompt": f"p{i}"}) + "\n")
+    rows = load_rows(DataConfig(train_files=[str(tmp_path / "part-*.jsonl")]))
+    assert [r["prompt"] for r in rows] == ["p0", "p1"]
+    with pytest.raises(UserError, match=r"data.train_files: the pattern '.*nomatch-\*.jsonl' matches no file"):
+        load_rows(DataConfig(train_files=[str(tmp_path / "nomatch-*.jsonl")]))
+    (tmp_path / "excel.csv").write_bytes("\ufeffquestion,answer\n2+2,4\n".encode("utf-8"))  # Excel's CSV UTF-8
+    rows = load_rows(DataConfig(train_files=[str(tmp_path / "excel.csv")], prompt_template="{question}="))
+    assert rows[0]["prompt"] == "2+2=" and rows[0]["answer"] == "4"
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    with pytest.raises(UserError, match=r"could not be read as json \((?!DatasetGenerationError)\w+"):
+        load_rows(DataConfig(train_files=[str(tmp_path / "bad.jsonl")]))
+
+
+def test_one_saved_dataset_without_splits_is_not_also_the_eval_data(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "a"}]).save_to_disk(str(tmp_path / "ds"))
+    assert load_rows(DataConfig(dataset_name=str(tmp_path / "ds")))[0]["prompt"] == "a"
+    with pytest.raises(UserError, match=r"holds one dataset without splits, and it is the training data"):
+        load_rows(DataConfig(dataset_name=str(tmp_path / "ds")), "eval")
+    with pytest.raises(UserError, match=r"data.split='nosuch' selects a split of data.dataset_name"):
+        DataConfig(train_files=["x.jsonl"], split="nosuch").validate()
+
 
 
 def test_a_template_column_missing_in_one_row_is_not_filled_with_none(tmp_path):

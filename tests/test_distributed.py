@@ -212,6 +212,14 @@ def test_ds_config_conflicts_are_user_errors(tmp_path):
         read_config(tmp_path / "opt.json")
     with pytest.raises(UserError, match="does not exist"):
         read_config(tmp_path / "missing.json")
+    (tmp_path / "stage7.json").write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    with pytest.raises(UserError, match="zero_optimization.stage is 7; ZeRO has stages 0, 1, 2 and 3"):
+        read_config(tmp_path / "stage7.json")
+    (tmp_path / "bad.json").write_text("{stage: 2")  # `tracerl validate` reads it as `train` would
+    from tracerl.recipe import load_config
+
+    with pytest.raises(UserError, match="bad.json is not valid JSON"):
+        load_config(None, [f"distributed.deepspeed={tmp_path / 'bad.json'}"])
 
 
 def _lora_model(seed: int = 0, r: int = 4):

@@ -76,6 +76,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         **cache,
     )
     config.validate()  # before the model loads: a bad flag should not cost a checkpoint load
+    for flag, value in (("--save-trajectory", args.save_trajectory), ("--plot", args.plot)):
+        if value:  # found now, not after the generation
+            _check_writable(Path(value), flag, what="a file")
     # a model directory, a TraceRL checkpoint (checkpoint-N/) or a LoRA adapter directory, as `tracerl eval` takes
     model_config = ModelConfig(dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     model_config.validate()
@@ -105,8 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from tracerl.api import train_from_recipe
-    from tracerl.build import build_rewards
-    from tracerl.data import load_rows
+    from tracerl.build import build_rewards, check_reward_columns
+    from tracerl.data import data_source, load_rows
     from tracerl.recipe import load_config
 
     config = load_config(args.recipe, args.overrides)
@@ -114,6 +117,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rows = load_rows(config.data, "train")  # data and rewards fail before the model loads
     rewards = build_rewards(config)
     eval_rows = load_rows(config.data, "eval") if config.trainer.eval_steps else None
+    check_reward_columns(rewards, rows, data_source(config.data, "train"))
+    if eval_rows is not None:
+        check_reward_columns(rewards, eval_rows, data_source(config.data, "eval"))
     if args.local_rank is not None:  # the deepspeed launcher's --local_rank=N: the API reads it from LOCAL_RANK
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     history = train_from_recipe(config, rewards, rows, eval_rows)
@@ -164,7 +170,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tracerl.build import build_model, build_rewards, check_reward_columns, write_jsonl
-    from tracerl.data import load_rows
+    from tracerl.data import data_source, load_rows
     from tracerl.evaluate import evaluate
     from tracerl.recipe import load_config
     from tracerl.scoring import check_prompts
@@ -179,7 +185,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if clash is not None:
         raise UserError(f"{key}: {str(out)!r} is one of this run's inputs ({clash}); write the results elsewhere")
     rewards = build_rewards(config)
-    check_reward_columns(rewards, rows, "the eval data")
+    check_reward_columns(rewards, rows, data_source(config.data, "eval"))
     model = build_model(config.model, None, path=args.checkpoint or config.model.path)
     check_prompts(model, rows, config.rollout.max_completion_length, config.model.use_chat_template,
                   config.model.system_prompt, "eval")  # before the first batch, not in the middle
@@ -197,10 +203,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(out: Path, key: str, directory: bool = False) -> None:
+def _check_writable(out: Path, key: str, directory: bool = False, what: str = "a JSONL file") -> None:
     """Fail before the model loads, not after the run: a path that cannot be written would lose its results."""
     if not directory and out.is_dir():
-        raise UserError(f"{key}: {str(out)!r} is a directory; the evaluation writes a JSONL file")
+        raise UserError(f"{key}: {str(out)!r} is a directory; {what} is written there")
     existing = next((p for p in [*([out] if directory else []), *out.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"{key}: cannot write {str(out)!r}: {str(existing)!r} is a file, not a directory")

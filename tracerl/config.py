@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from reward_models.loader import RewardSpec
 from tracerl.choices import (Aggregation, DType, KLAgainst, KLKind, LossType, OldLogprobs, OnError, RolloutCorrection,
@@ -111,6 +110,10 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive("data", max_eval_samples=self.max_eval_samples)
+        # a split that would be silently ignored: it selects from data.dataset_name only
+        if self.train_files and self.split != "train":
+            raise UserError(f"data.split={self.split!r} selects a split of data.dataset_name, but the training data "
+                            "is data.train_files; drop one of them")
 
 
 @dataclass
@@ -372,10 +375,10 @@ class RLConfig:
             raise UserError("eval.batch_size and eval.num_generations must be > 0")
         _non_negative("eval", temperature=self.eval.temperature)  # else it fails in the first held-out rollout
         _positive("", reward_timeout_s=self.reward_timeout_s)
-        ds = self.distributed.deepspeed
-        if ds and not Path(ds).expanduser().is_file():
-            raise UserError(f"distributed.deepspeed: DeepSpeed config {ds!r} does not exist (shipped ones: "
-                            "recipes/deepspeed/zero2.json, zero3.json, zero3_offload.json)")
+        if self.distributed.deepspeed:  # read now (JSON, sections, ZeRO stage), so `validate` catches what `train` would
+            from tracerl.ds_config import read_config
+
+            read_config(self.distributed.deepspeed)
         for i, spec in enumerate(self.rewards):
             if not spec.fn:
                 raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "

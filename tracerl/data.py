@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -84,12 +85,14 @@ def load_rows(data: Any, which: str = "train") -> list[dict[str, Any]]:
     files = data.train_files if which == "train" else (data.eval_files or [])
     split = data.split if which == "train" else data.eval_split
     key = "data.train_files" if which == "train" else "data.eval_files"
+    source = data_source(data, which)
     if files:
-        dataset = _from_files(files)
-        source = f"{key} {files}"
+        dataset = _from_files(files, key)
     elif data.dataset_name:
-        dataset = _from_name(data.dataset_name, data.dataset_config, split)
-        source = f"data.dataset_name {data.dataset_name!r} (split {split!r})"
+        # one saved dataset without splits can only be the training data: read as the eval split too, the
+        # held-out accuracy would be measured on the training rows
+        one_for_both = which == "eval" and not data.train_files
+        dataset = _from_name(data.dataset_name, data.dataset_config, split, refuse_unsplit=one_for_both)
     else:
         raise UserError(f"{key}: no data given (set {key} or data.dataset_name)")
     rows = [dict(r) for r in dataset]
@@ -99,6 +102,15 @@ def load_rows(data: Any, which: str = "train") -> list[dict[str, Any]]:
         rows = rows[: data.max_eval_samples]
     check_column_names(rows, source)
     return [with_prompt(r, data, i, source) for i, r in enumerate(rows)]
+
+
+def data_source(data: Any, which: str) -> str:
+    """How error messages name the train or eval data: the recipe key and its value."""
+    files = data.train_files if which == "train" else data.eval_files
+    if files:
+        return f"{'data.train_files' if which == 'train' else 'data.eval_files'} {files}"
+    split = data.split if which == "train" else data.eval_split
+    return f"data.dataset_name {data.dataset_name!r} (split {split!r})"
 
 
 def check_column_names(rows: Sequence[dict[str, Any]], source: str) -> None:
@@ -114,13 +126,30 @@ REWARD_ARGUMENTS = frozenset({"prompts", "completions", "completion_ids", "traje
                               "log_extra"})
 
 
-def _from_files(files: list[str]) -> Any:
+def _expand(files: list[str], key: str) -> list[str]:
+    """Glob patterns (data/train-*.parquet) expanded, in sorted order; a pattern matching nothing is refused."""
+    import glob
+
+    out = []
+    for f in files:
+        if any(c in f for c in "*?[") and not Path(f).exists():
+            matched = sorted(glob.glob(os.path.expanduser(f), recursive=True))
+            if not matched:
+                raise UserError(f"{key}: the pattern {f!r} matches no file")
+            out += matched
+        else:
+            out.append(f)
+    return out
+
+
+def _from_files(files: list[str], key: str = "data.train_files") -> Any:
     import datasets
 
+    files = _expand(files, key)
     for f in files:
         if Path(f).is_dir():
-            raise UserError(f"data file {f!r} is a directory (a directory saved by datasets goes in "
-                            "data.dataset_name)")
+            raise UserError(f"data file {f!r} is a directory (a directory saved by datasets, or one holding a "
+                            "dataset's files, goes in data.dataset_name; or name its files, e.g. dir/*.parquet)")
         if not Path(f).is_file():
             raise UserError(f"data file {f!r} does not exist")
         if Path(f).stat().st_size == 0:  # datasets' own error for it has an empty message
@@ -129,13 +158,23 @@ def _from_files(files: list[str]) -> Any:
     if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
         raise UserError(f"data files {files}: use one format of {', '.join(FORMATS)}")
     builder = FORMATS[suffixes.pop()]
-    # CSV has no types: read every cell as the text it is, so a puzzle "0123..." keeps its leading zero
-    options = {"features": _text_features(files[0]), "keep_default_na": False} if builder == "csv" else {}
+    # CSV has no types: read every cell as the text it is, so a puzzle "0123..." keeps its leading zero; a
+    # byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+    options = ({"features": _text_features(files[0]), "keep_default_na": False, "encoding": "utf-8-sig"}
+               if builder == "csv" else {})
     try:
         return datasets.load_dataset(builder, data_files=[str(Path(f).resolve()) for f in files], split="train",
                                      **options)
     except Exception as exc:  # datasets raises many types for a malformed file; the user needs the file name
-        raise UserError(f"data files {files}: could not be read as {builder} ({exc})") from exc
+        raise UserError(f"data files {files}: could not be read as {builder} ({_root_cause(exc)})") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """datasets wraps the parser's error ("An error occurred while generating the dataset"): the innermost one
+    says which line and why."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def _text_features(csv_file: str) -> Any:
@@ -143,7 +182,7 @@ def _text_features(csv_file: str) -> Any:
 
     import datasets
 
-    with open(csv_file, newline="") as f:
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:  # pandas would keep one of them and drop the other's values without a word
@@ -152,15 +191,25 @@ def _text_features(csv_file: str) -> Any:
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 
-def _from_name(name: str, config_name: str | None, split: str) -> Any:
+def _from_name(name: str, config_name: str | None, split: str, refuse_unsplit: bool = False) -> Any:
     import datasets
 
     if Path(name).is_dir():
+        if not _saved_to_disk(Path(name)):  # a dataset repository's files (data/train-*.parquet, README splits)
+            try:
+                return datasets.load_dataset(name, config_name, split=split)
+            except Exception as exc:  # noqa: BLE001 - no split of that name, no data files, unreadable files
+                raise UserError(f"data.dataset_name {name!r} (split {split!r}): neither a save_to_disk directory nor "
+                                f"a dataset of files datasets can read ({_root_cause(exc)})") from None
         try:
             loaded = datasets.load_from_disk(name)
-        except Exception as exc:  # noqa: BLE001 - not save_to_disk's layout (a folder of data files?), or damaged
+        except Exception as exc:  # noqa: BLE001 - damaged
             raise UserError(f"data.dataset_name {name!r}: not a dataset saved by datasets' save_to_disk "
                             f"({type(exc).__name__}: {exc}); data files go in data.train_files") from None
+        if refuse_unsplit and not isinstance(loaded, datasets.DatasetDict) and loaded.split is None:
+            raise UserError(f"data.dataset_name {name!r} holds one dataset without splits, and it is the training "
+                            f"data: evaluating split {split!r} would measure the training rows; name the held-out "
+                            "data in data.eval_files, or save a DatasetDict with its splits")
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise UserError(f"data.dataset_name {name!r}: no split {split!r} (found {sorted(loaded)})")
@@ -176,6 +225,11 @@ def _from_name(name: str, config_name: str | None, split: str) -> Any:
         raise UserError(f"data.dataset_name {name!r} (split {split!r}) could not be loaded: {exc}") from exc
 
 
+def _saved_to_disk(directory: Path) -> bool:
+    """Written by Dataset / DatasetDict.save_to_disk (its state or dict-of-splits files are there)."""
+    return any((directory / name).is_file() for name in ("state.json", "dataset_dict.json", "dataset_info.json"))
+
+
 def with_prompt(row: dict[str, Any], data: Any, index: int, source: str = "data") -> dict[str, Any]:
     """Fill `prompt` from data.prompt_template (using the row's columns) or data.prompt_column.
 
@@ -185,8 +239,8 @@ def with_prompt(row: dict[str, Any], data: Any, index: int, source: str = "data"
         try:
             prompt = data.prompt_template.format(**row)
         except KeyError as exc:
-            raise UserError(f"data.prompt_template uses column {exc.args[0]!r}, which row {index} lacks; "
-                            f"columns found: {sorted(row)}") from None
+            raise UserError(f"data.prompt_template uses column {exc.args[0]!r}, which row {index} of {source} "
+                            f"lacks; columns found: {sorted(row)}") from None
         except (IndexError, ValueError, AttributeError, TypeError) as exc:  # "{0}", "{x", "{x.attr}", "{x:d}"
             raise UserError(f"data.prompt_template {data.prompt_template!r} cannot be filled from row {index} of "
                             f"{source} ({type(exc).__name__}: {exc}); use {{column}} names, and {{{{ }}}} for a "
@@ -196,8 +250,8 @@ def with_prompt(row: dict[str, Any], data: Any, index: int, source: str = "data"
             raise UserError(f"data.prompt_template uses column {null!r}, which is null in row {index} of {source}")
         return {**row, "prompt": prompt}
     if data.prompt_column not in row:
-        raise UserError(f"data.prompt_column: column {data.prompt_column!r} not found in row {index}; columns found: "
-                        f"{sorted(row)} (or set data.prompt_template)")
+        raise UserError(f"data.prompt_column: column {data.prompt_column!r} not found in row {index} of {source}; "
+                        f"columns found: {sorted(row)} (or set data.prompt_template)")
     prompt = row[data.prompt_column]
     problem = prompt_problem(prompt)
     if problem:

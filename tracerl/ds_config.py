@@ -56,6 +56,13 @@ def read_config(path: str | Path) -> dict[str, Any]:
         if key in config:
             raise UserError(f"{file}: remove the {key!r} section; TraceRL builds the optimizer (torch AdamW) and "
                             "learning-rate schedule from the recipe's optimizer section")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"distributed.deepspeed: {file}: zero_optimization must be a JSON object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise UserError(f"distributed.deepspeed: {file}: zero_optimization.stage is {stage!r}; ZeRO has stages 0, "
+                        "1, 2 and 3")
     return config
 
 

@@ -122,6 +122,7 @@ class Trajectory:
 
     # ---- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}, Path(path))
 
     @classmethod
