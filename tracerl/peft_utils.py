@@ -216,8 +216,9 @@ def load_adapter(adapter_dir: str | Path, base_path: str | None = None, **load_o
         raise UserError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     base = base_path or json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
-        raise UserError(f"{adapter_dir}: the adapter's base model {base!r} is not a local directory; name it "
-                        "explicitly (tracerl export --base DIR)")
+        raise UserError(f"{adapter_dir}: the adapter's base model {base!r} is not a local directory; point "
+                        f"base_model_name_or_path in its {ADAPTER_CONFIG} at the local copy of the base (tracerl "
+                        "export also takes --base DIR)")
     if load_options.get("tokenizer") is None and _has_tokenizer(Path(adapter_dir)) and not _has_tokenizer(Path(base)):
         # a base published without a tokenizer (MDLM, SEDD): the run saved the one it trained with beside the adapter
         load_options = {**load_options, "tokenizer": str(adapter_dir)}

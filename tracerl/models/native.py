@@ -269,7 +269,7 @@ def resolve_mask_id(
     if mask_id is None:
         raise UserError(
             f"{family}: no mask token: config.json has no mask_token_id and the tokenizer has none of "
-            f"{list(token_strings)}; pass mask_token_id to load_model"
+            f"{list(token_strings)}; set it (recipe: model.mask_token_id; Python: load_model(..., mask_token_id=ID))"
         )
     if not 0 <= int(mask_id) < vocab_size:
         raise UserError(f"{family}: mask_token_id {mask_id} is outside the model's vocabulary of {vocab_size}")
