@@ -135,24 +135,23 @@ def _slice(columns: dict, i: int, n: int) -> dict:
 
 class ProcessState:
     """What a reward could change for the whole process and the run would then inherit. Saved before the rewards
-    run and put back after, so that no reward code can:
+    run and put back after, so that reward code cannot:
       - move the run's relative paths (output_dir, checkpoints, save_total_limit's pruning): the working directory;
       - change what training computes: torch's default dtype, grad mode (rewards run on the caller's thread when
         there is no timeout), its number of threads;
-      - change the run's randomness (dropout, data order): the global torch, CUDA, Python and NumPy generators, so a
-        reward that draws from them or reseeds them leaves the run as it would have been without it.
-    Changes other than the generators' are logged as warnings naming the rewards that ran."""
+      - change the run's randomness (dropout, data order): the global torch, CUDA, Python and NumPy generators.
+        The rewards draw from a stream of their own instead (RewardStreams), continued from call to call, so a
+        reward's random choices differ between batches while training's stream is as if no reward had run.
+    Changes other than the generators' are logged as warnings naming the rewards that ran. A reward call abandoned
+    after a timeout (RewardSet timeout_s) keeps running on its thread, and what it changes after this restore is
+    not undone."""
 
     def __init__(self) -> None:
         self.cwd = os.getcwd()
         self.dtype = torch.get_default_dtype()
         self.grad = torch.is_grad_enabled()
         self.threads = torch.get_num_threads()
-        self.torch_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
-            else None
-        self.python_rng = random.getstate()
-        self.numpy_rng = _numpy_random().get_state() if _numpy_random() is not None else None
+        self.generators = RandomState.capture()
 
     @classmethod
     def save(cls) -> "ProcessState":
@@ -176,14 +175,34 @@ class ProcessState:
         if torch.get_num_threads() != self.threads:
             changed.append(f"torch's threads to {torch.get_num_threads()} (restored to {self.threads})")
             torch.set_num_threads(self.threads)
+        self.generators.apply()
+        if changed:
+            logger.warning("a reward of %s changed %s", ", ".join(repr(name) for name in names), "; ".join(changed))
+
+
+@dataclass
+class RandomState:
+    """The global torch (CPU and CUDA), Python and NumPy generators' states."""
+
+    torch_rng: torch.Tensor
+    cuda_rng: list | None
+    python_rng: Any
+    numpy_rng: Any
+
+    @classmethod
+    def capture(cls) -> "RandomState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        numpy_random = _numpy_random()
+        return cls(torch.get_rng_state(), cuda, random.getstate(),
+                   numpy_random.get_state() if numpy_random is not None else None)
+
+    def apply(self) -> None:
         torch.set_rng_state(self.torch_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         random.setstate(self.python_rng)
         if self.numpy_rng is not None:
             _numpy_random().set_state(self.numpy_rng)
-        if changed:
-            logger.warning("a reward of %s changed %s", ", ".join(repr(name) for name in names), "; ".join(changed))
 
 
 def _numpy_random() -> Any:
@@ -266,6 +285,7 @@ class RewardSet:
         self._abandoned: list[list[threading.Thread]] = [[] for _ in self.fns]  # timed-out sync calls
         # reward index -> (its event loop, the daemon thread running it)
         self._loops: dict[int, tuple[asyncio.AbstractEventLoop, threading.Thread]] = {}
+        self._streams: RandomState | None = None  # the rewards' random generators between calls (ProcessState)
 
     # --- calling one function -----------------------------------------------------------------------
     def _kwargs(self, k: int, prompts: list, completions: list, columns: dict) -> dict:
@@ -294,8 +314,8 @@ class RewardSet:
     def _task_sync(self, k: int, prompts: list, completions: list, columns: dict) -> _Outcome:
         kwargs = self._kwargs(k, prompts, completions, columns)
         buffer = self._own_extra_log(kwargs)
-        try:
-            return _Outcome(values=self.fns[k](**kwargs), extras=buffer.extras())
+        try:  # a lazy return value (generator, map) is read here: inside the timeout and the error location
+            return _Outcome(values=_as_list(self.fns[k](**kwargs)), extras=buffer.extras())
         except _FAILURES as e:  # reported as a RewardError by the caller
             out = _Outcome(batch_error=e, per_sample={})
         if self.locate_errors and len(completions) > 1:
@@ -303,7 +323,7 @@ class RewardSet:
                 kwargs = self._single(k, i, prompts, completions, columns)
                 buffer = self._own_extra_log(kwargs)
                 try:
-                    out.per_sample[i] = self.fns[k](**kwargs)
+                    out.per_sample[i] = _as_list(self.fns[k](**kwargs))
                     out.sample_extras[i] = buffer.extras()
                 except _FAILURES as e:
                     out.sample_errors[i] = e
@@ -313,7 +333,7 @@ class RewardSet:
         kwargs = self._kwargs(k, prompts, completions, columns)
         buffer = self._own_extra_log(kwargs)
         try:
-            return _Outcome(values=await self.fns[k](**kwargs), extras=buffer.extras())
+            return _Outcome(values=_as_list(await self.fns[k](**kwargs)), extras=buffer.extras())
         except _FAILURES as e:
             out = _Outcome(batch_error=e, per_sample={})
         if self.locate_errors and len(completions) > 1:
@@ -321,7 +341,7 @@ class RewardSet:
                 kwargs = self._single(k, i, prompts, completions, columns)
                 buffer = self._own_extra_log(kwargs)
                 try:
-                    out.per_sample[i] = await self.fns[k](**kwargs)
+                    out.per_sample[i] = _as_list(await self.fns[k](**kwargs))
                     out.sample_extras[i] = buffer.extras()
                 except _FAILURES as e:
                     out.sample_errors[i] = e
@@ -509,19 +529,24 @@ class RewardSet:
         prompts, completions = snapshot.pop("prompts"), snapshot.pop("completions")
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         saved = ProcessState.save()
-        # the async rewards first, so that they run while the sync ones (on this thread, without a timeout) do
-        order = sorted(range(len(self.fns)), key=lambda k: not self._async[k])
-        futures = {k: self._submit(k, (prompts, completions, snapshot), n) for k in order}
+        if self._streams is not None:  # the rewards' own random stream, where their last call left it
+            self._streams.apply()
         table, found, processes = [], [], []
-        for k in range(len(self.fns)):
-            outcome = self._wait(k, futures[k], deadline, n)
-            self._pass_on_extras(outcome, columns["log_extra"], n)
-            values, errors, process = self._values(k, outcome, n)
-            self._check_process(k, process, snapshot.get("trajectory"), errors)
-            table.append(values)
-            found.append(errors)
-            processes.append(process)
-        saved.restore(self.names)
+        try:
+            # the async rewards first, so that they run while the sync ones (on this thread, without a timeout) do
+            order = sorted(range(len(self.fns)), key=lambda k: not self._async[k])
+            futures = {k: self._submit(k, (prompts, completions, snapshot), n) for k in order}
+            for k in range(len(self.fns)):
+                outcome = self._wait(k, futures[k], deadline, n)
+                self._pass_on_extras(outcome, columns["log_extra"], n)
+                values, errors, process = self._values(k, outcome, n)
+                self._check_process(k, process, snapshot.get("trajectory"), errors)
+                table.append(values)
+                found.append(errors)
+                processes.append(process)
+        finally:  # also when a reward is interrupted (KeyboardInterrupt is not a reward failure)
+            self._streams = RandomState.capture()
+            saved.restore(self.names)
         first = next((e for errs in found for e in errs.values()), None)
         if first is not None and self.on_error == "raise":
             others = sum(len(errs) for errs in found) - 1

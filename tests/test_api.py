@@ -184,3 +184,45 @@ def test_wrong_arguments_are_named_before_the_model_loads(kwargs, match):
                    train_dataset=[{"prompt": "1+1="}], args=args)
     with pytest.raises(UserError, match=match):
         TraceRLTrainer(**{**options, **kwargs})
+
+
+# ---- TRL's names and values: what a ported GRPO script gets --------------------------------------------------
+def test_trl_loss_types_and_scale_rewards_mean_what_they_mean_in_trl():
+    """bnpo is the token mean within each micro-batch (grpo_trainer: loss / num_items per micro-batch, then / GA),
+    dapo over the whole accumulated batch; scale_rewards True / False are TRL's "group" / "none"."""
+    aggregation = {t: TraceRLConfig(loss_type=t).to_recipe().algorithm.loss_aggregation
+                   for t in ("grpo", "bnpo", "dapo", "dr_grpo")}
+    assert aggregation == {"grpo": "sequence-mean", "bnpo": "microbatch-token-mean", "dapo": "token-mean",
+                           "dr_grpo": "sequence-sum"}
+    assert TraceRLConfig(scale_rewards=True).to_recipe().algorithm.scale_rewards == "group"
+    assert TraceRLConfig(scale_rewards=False).to_recipe().algorithm.scale_rewards == "none"
+    with pytest.raises(UserError, match=r"loss_type='dr_grpo' .* and loss_aggregation='token-mean' disagree"):
+        TraceRLConfig(loss_type="dr_grpo", loss_aggregation="token-mean").to_recipe()
+
+
+def test_grpo_config_fields_traceRL_lacks_are_named_with_what_to_use():
+    with pytest.raises(UserError, match=r"no field num_generations_eval \(use eval_num_generations\), warmup_steps"):
+        TraceRLConfig(num_generations_eval=4, warmup_steps=10)
+    with pytest.raises(UserError, match=r"trainer.num_generations=1: the group baseline"):
+        TraceRLConfig(num_generations=1, per_device_train_batch_size=4).to_recipe()
+    TraceRLConfig(num_generations=1, per_device_train_batch_size=4, use_value_model=True).to_recipe()
+
+
+def test_max_steps_counting_rl_steps_is_said_when_it_differs_from_trl():
+    with pytest.warns(UserWarning, match=r"max_steps=10 counts RL steps here .* 20 optimizer steps in all"):
+        TraceRLConfig(max_steps=10, num_iterations=2).to_recipe()
+
+
+def test_a_loaded_transformers_model_is_refused_with_what_to_pass(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model("llama").save_pretrained(str(tmp_path / "m"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    with pytest.raises(UserError, match=r"model: a LlamaForCausalLM object; pass the directory it was loaded from"):
+        TraceRLTrainer(model=loaded, reward_funcs=target_share, args=small_args(tmp_path), train_dataset=ROWS)
+
+
+def test_train_resume_false_starts_fresh(tmp_path):
+    trainer = TraceRLTrainer(model=build_tiny_model("llama"), reward_funcs=target_share,
+                             args=small_args(tmp_path, max_steps=1), train_dataset=ROWS)
+    assert len(trainer.train(resume_from_checkpoint=False)) == 1

@@ -147,6 +147,12 @@ def test_globs_bom_csv_and_a_malformed_line_named(tmp_path):
         (tmp_path / f"part-{i}.jsonl").write_text(json.dumps({"prompt": f"p{i}"}) + "\n")
     rows = load_rows(DataConfig(train_files=[str(tmp_path / "part-*.jsonl")]))
     assert [r["prompt"] for r in rows] == ["p0", "p1"]
+    (tmp_path / "run[1]").mkdir()  # a folder whose name holds glob characters is taken literally
+    (tmp_path / "run[1]" / "a.jsonl").write_text(json.dumps({"prompt": "bracketed"}) + "\n")
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "a.jsonl").write_text(json.dumps({"prompt": "wrong folder"}) + "\n")
+    rows = load_rows(DataConfig(train_files=[str(tmp_path / "run[1]" / "*.jsonl")]))
+    assert [r["prompt"] for r in rows] == ["bracketed"]
     with pytest.raises(UserError, match=r"data.train_files: the pattern '.*nomatch-\*.jsonl' matches no file"):
         load_rows(DataConfig(train_files=[str(tmp_path / "nomatch-*.jsonl")]))
     (tmp_path / "excel.csv").write_bytes("\ufeffquestion,answer\n2+2,4\n".encode("utf-8"))  # Excel's CSV UTF-8

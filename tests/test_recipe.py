@@ -201,6 +201,8 @@ def test_a_hash_in_an_override_is_text_not_a_yaml_comment():
     cfg = load_config(None, ["model.system_prompt=#1 rule: be brief", "data.prompt_template=Q{question} #",
                              "trainer.output_dir=runs/#3"])
     assert cfg.model.system_prompt == "#1 rule: be brief"
+    assert load_config(None, ["data.prompt_template={question} #1 rule"]).data.prompt_template == "{question} #1 rule"
+    assert load_config(None, ['rewards=[{fn: "#sharp.py:f"}]']).rewards[0].fn == "#sharp.py:f"  # quoted: YAML's
     assert cfg.data.prompt_template == "Q{question} #"
     assert cfg.trainer.output_dir == "runs/#3"
     with pytest.raises(UserError, match=r"trainer.max_steps"):

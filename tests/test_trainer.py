@@ -302,6 +302,13 @@ def test_resuming_with_other_data_or_seed_is_refused(tmp_path):
                   ROWS).train()
 
 
+@pytest.mark.parametrize("limit, kept", [(1, [4]), (2, [3, 4]), (5, [1, 2, 3, 4])])
+def test_save_total_limit_keeps_the_newest(tmp_path, limit, kept):
+    RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 4, "save_steps": 1, "save_total_limit": limit}),
+              tiny(False), distinct_chars, ROWS).train()
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*")) == kept
+
+
 def test_resuming_another_models_checkpoint_names_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     RLTrainer(make_config(tmp_path, False, trainer={"max_steps": 1}), tiny(False), distinct_chars, ROWS).train()
@@ -369,6 +376,10 @@ def test_rl_from_an_sft_adapter_keeps_the_sft_model_as_its_reference(tmp_path):
         torch.testing.assert_close(load_adapter(saved).logits(ids), trainer.model.logits(ids))
     with pytest.warns(UserWarning, match="the KL reference is the model with its adapter disabled"):
         RLTrainer(config, build_model(ModelConfig(path=str(adapter))), distinct_chars, ROWS)
+    # a later SFT run writing its final/ in the same place is not merged in the first one's stead
+    train_sft(build_model(ModelConfig(path=str(base)), PeftSection(r=4)), [{"prompt": "ab", "completion": "dd"}], sft)
+    with pytest.raises(UserError, match=r"trained on top of the LoRA adapter in .*final.*whose weights have changed"):
+        load_adapter(saved)
 
 
 def _scored_with(trainer, rewards):

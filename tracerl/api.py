@@ -14,12 +14,19 @@
     trainer.train()
 
 `TraceRLConfig` is flat, like GRPOConfig, with GRPOConfig's field names where the meaning is the same
-(output_dir, learning_rate, max_steps, num_generations, per_device_train_batch_size, gradient_accumulation_steps,
-steps_per_generation,
-max_completion_length, temperature, top_p, top_k, beta, epsilon, epsilon_high, num_iterations, scale_rewards,
-reward_weights, report_to, run_name, logging_steps, save_steps, save_total_limit, eval_steps, seed, deepspeed, ...)
+(output_dir, learning_rate, num_generations, per_device_train_batch_size, gradient_accumulation_steps,
+steps_per_generation, max_completion_length, temperature, top_p, top_k, beta, epsilon, epsilon_high,
+num_iterations, scale_rewards, loss_type, reward_weights, report_to, run_name, save_total_limit, deepspeed, ...)
 and the diffusion / TraceRL names of the YAML recipes (steps, block_length, remasking, threshold, estimator,
-shrink, use_value_model, ...). Every flat field is one field of a recipe section (`FIELDS` says which), so a recipe
+shrink, use_value_model, ...). Where TRL differs:
+  - max_steps, save_steps, logging_steps and eval_steps count RL steps (one generation of completions each, then
+    num_iterations x steps_per_generation / gradient_accumulation_steps optimizer steps); TRL's count optimizer
+    steps. The same numbers train num_iterations x ... times longer than in TRL when those are > 1 (a warning
+    says how many optimizer steps the run takes).
+  - defaults: lr_scheduler_type "constant" (TRL: "linear"), seed 0 (42), save_steps 0 = at the end only (500),
+    logging_steps 1 (10), max_completion_length 64 (512).
+  - train(resume_from_checkpoint=True) with no checkpoint in output_dir starts fresh (transformers raises), so one
+    script both starts and resumes a job. Every flat field is one field of a recipe section (`FIELDS` says which), so a recipe
 and a config convert both ways: `TraceRLConfig.from_recipe(rl_config)`, `config.to_recipe()`. The CLI's `train` is
 this API over a recipe. Reward functions get the dataset's other columns as keyword arguments, as in TRL.
 """
@@ -86,7 +93,22 @@ FIELDS: dict[str, str] = {
 # rollout seed is derived from `seed` per prompt and step
 NOT_FLAT = {"rollout.seed", "eval.output_file"}
 # TRL's loss_type names the loss normalisation: the same choices under TraceRL's names
-TRL_LOSS_TYPES = {"grpo": "sequence-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "sequence-sum"}
+TRL_LOSS_TYPES = {"grpo": "sequence-mean", "bnpo": "microbatch-token-mean", "dapo": "token-mean",
+                  "dr_grpo": "sequence-sum"}
+# GRPOConfig / TrainingArguments fields TraceRL names differently or does not have: what to use instead
+TRL_ONLY = {
+    "num_generations_eval": "eval_num_generations",
+    "warmup_steps": "warmup_ratio (a share of the optimizer steps)",
+    "bf16": "model_init_kwargs={'dtype': 'bfloat16'} (the weights' dtype; DeepSpeed configs set their own)",
+    "fp16": "model_init_kwargs={'dtype': 'float16'}",
+    "torch_dtype": "model_init_kwargs={'dtype': ...}",
+    "max_prompt_length": "nothing: prompts are never cut; a prompt too long for the model is refused by row",
+    "generation_batch_size": "per_device_train_batch_size x steps_per_generation (completions per RL step)",
+    "eval_strategy": "eval_steps (> 0 evaluates every eval_steps RL steps)",
+    "save_strategy": "save_steps (0 = at the end only)",
+    "logging_strategy": "logging_steps",
+    "mask_truncated_completions": "nothing yet: a completion cut at max_completion_length is trained as it is",
+}
 
 
 def _schema_field(path: str) -> tuple[Any, Any]:
@@ -126,16 +148,32 @@ def _to_recipe(self: Any) -> schema.RLConfig:
             target = getattr(target, section)
         # the recipe's type check (choices, whole numbers, finite floats), so the API refuses what a YAML would
         hint = typing.get_type_hints(type(target))[name]
-        setattr(target, name, convert(hint, getattr(self, flat), f"{flat} ({path})"))
+        value = getattr(self, flat)
+        if flat == "scale_rewards" and isinstance(value, bool):  # TRL's booleans: True = "group", False = "none"
+            value = "group" if value else "none"
+        setattr(target, name, convert(hint, value, f"{flat} ({path})"))
     if self.loss_type is not None:
         if self.loss_type not in TRL_LOSS_TYPES:
             raise UserError(f"loss_type: {self.loss_type!r} is not one of TRL's {', '.join(TRL_LOSS_TYPES)} (TraceRL "
                             "names the same choice loss_aggregation; policy_loss picks ppo / reinforce)")
+        default = _schema_field("algorithm.loss_aggregation")[1]
+        if self.loss_aggregation != default and self.loss_aggregation != TRL_LOSS_TYPES[self.loss_type]:
+            raise UserError(f"loss_type={self.loss_type!r} (loss_aggregation {TRL_LOSS_TYPES[self.loss_type]!r}) and "
+                            f"loss_aggregation={self.loss_aggregation!r} disagree; give one of them")
         config.algorithm.loss_aggregation = TRL_LOSS_TYPES[self.loss_type]
     from tracerl.estimators import resolve
 
     config.algorithm = resolve(config.algorithm)
     validate(config)
+    per_step = config.algorithm.num_iterations * config.trainer.optimizer_steps_per_epoch
+    if per_step > 1:
+        import warnings
+
+        warnings.warn(f"max_steps={config.trainer.max_steps} counts RL steps here (one generation each), each taking "
+                      f"{per_step} optimizer steps (num_iterations x steps_per_generation / gradient_accumulation_"
+                      f"steps): {config.trainer.max_steps * per_step} optimizer steps in all. TRL's max_steps counts "
+                      f"optimizer steps; to match a TRL run, divide its max_steps (and save_steps, logging_steps, "
+                      f"eval_steps) by {per_step}", UserWarning, stacklevel=3)
     return config
 
 
@@ -158,6 +196,21 @@ TraceRLConfig = dataclasses.make_dataclass(
 )
 TraceRLConfig.__doc__ = ("Flat training arguments, GRPOConfig-style; every field is one recipe field (tracerl.api."
                          "FIELDS), plus TRL's reward_weights, loss_type and model_init_kwargs.")
+_dataclass_init = TraceRLConfig.__init__
+
+
+def _init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """The dataclass's __init__, with GRPOConfig fields TraceRL lacks refused by name and with what to use."""
+    known = {f.name for f in dataclasses.fields(TraceRLConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        hints = [f"{name} (use {TRL_ONLY[name]})" if name in TRL_ONLY else name for name in unknown]
+        raise UserError(f"TraceRLConfig: no field {', '.join(hints)}; the fields are tracerl.api.FIELDS plus "
+                        "reward_weights, loss_type and model_init_kwargs")
+    _dataclass_init(self, *args, **kwargs)
+
+
+TraceRLConfig.__init__ = _init
 
 
 class TraceRLTrainer:
@@ -208,7 +261,9 @@ class TraceRLTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, float]]:
         """Run `max_steps` RL steps; resume_from_checkpoint: a checkpoint directory, or True for the latest one in
         output_dir. Returns the per-step metrics."""
-        if resume_from_checkpoint is not None:
+        if resume_from_checkpoint is False:  # transformers: start fresh
+            self.trainer.config.trainer.resume_from_checkpoint = None
+        elif resume_from_checkpoint is not None:
             self.trainer.config.trainer.resume_from_checkpoint = ("latest" if resume_from_checkpoint is True
                                                                   else str(resume_from_checkpoint) or None)
         return self.trainer.train()
@@ -280,6 +335,10 @@ def _model(model: Any, init_kwargs: dict | None, peft_config: Any, seed: int) ->
 
     if isinstance(model, schema.ModelConfig):  # the CLI: the recipe's sections
         return build_model(model, peft_config if isinstance(peft_config, schema.PeftSection) else None, seed=seed)
+    if not isinstance(model, (DiffusionLM, str, os.PathLike)):
+        raise UserError(f"model: a {type(model).__name__} object; pass the directory it was loaded from (TraceRL "
+                        "loads each family in its own layout, with its mask token and attention), or a "
+                        "tracerl DiffusionLM (tracerl.models.load_model(dir))")
     if not isinstance(model, DiffusionLM):
         known = {"dtype", "device", "block_size", "mask_token_id", "trust_remote_code", "tokenizer"}
         kwargs = dict(init_kwargs or {})

@@ -106,7 +106,7 @@ def _prune(root: Path, limit: int | None, written: Path) -> None:
     """Keep the newest `limit` checkpoints, always counting the one just written among them."""
     if limit:
         others = [p for p in checkpoint_dirs(root) if p != written]
-        for old in others[:len(others) - (limit - 1)]:
+        for old in others[:max(0, len(others) - (limit - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -127,7 +127,8 @@ def resume_if_asked(trainer: Any) -> None:
                         "(no trainer_state.json)")
     load_checkpoint(trainer, path)
     output_dir = Path(trainer.config.trainer.output_dir)
-    trainer.resumed_elsewhere = path.resolve().parent != output_dir.resolve()
+    # the checkpoint's own name unresolved: a checkpoint-N that is a symlink (to scratch storage) still lies here
+    trainer.resumed_elsewhere = path.absolute().parent.resolve() != output_dir.resolve()
     max_steps = trainer.config.trainer.max_steps
     if trainer.step > max_steps:
         raise UserError(f"trainer.resume_from_checkpoint: {path} is at step {trainer.step}, past "

@@ -170,7 +170,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tracerl.build import build_model, build_rewards, check_reward_columns, write_jsonl
-    from tracerl.data import data_source, load_rows
+    from tracerl.data import data_source, expand_files, load_rows
     from tracerl.evaluate import evaluate
     from tracerl.recipe import load_config
     from tracerl.scoring import check_prompts
@@ -180,7 +180,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(config.eval.output_file or Path(config.trainer.output_dir) / "eval.jsonl")
     key = "eval.output_file" if config.eval.output_file else "trainer.output_dir"
     _check_writable(out, key)
-    inputs = [Path(args.recipe), *map(Path, config.data.train_files or []), *map(Path, config.data.eval_files or [])]
+    inputs = [Path(args.recipe)] + [Path(f) for key, files in (("data.train_files", config.data.train_files),
+                                                               ("data.eval_files", config.data.eval_files))
+                                    for f in expand_files(files or [], key)]
     clash = next((p for p in inputs if p.exists() and out.exists() and p.resolve() == out.resolve()), None)
     if clash is not None:
         raise UserError(f"{key}: {str(out)!r} is one of this run's inputs ({clash}); write the results elsewhere")
@@ -401,7 +403,7 @@ def entry() -> None:
     non-daemon thread that a reward (or a library it uses) started and never stopped would keep the process alive
     after the run ended, with the job looking hung; once shutdown has waited EXIT_GRACE_S for such threads, this
     names them and exits with the run's code anyway. Everything the run writes is written before main() returns."""
-    code = main()
+    code = 1  # an exception escaping main(): Python's own exit status for it
 
     def force_exit() -> None:
         left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
@@ -411,9 +413,12 @@ def entry() -> None:
         sys.stdout.flush()
         os._exit(code)
 
-    watchdog = threading.Timer(EXIT_GRACE_S, force_exit)
-    watchdog.daemon = True  # it must not be one of the threads shutdown waits for
-    watchdog.start()
+    try:
+        code = main()
+    finally:  # also when main() raises (out of memory, a NCCL error): its traceback, then the same bounded exit
+        watchdog = threading.Timer(EXIT_GRACE_S, force_exit)
+        watchdog.daemon = True  # it must not be one of the threads shutdown waits for
+        watchdog.start()
     sys.exit(code)
 
 

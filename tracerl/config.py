@@ -80,7 +80,8 @@ class ModelConfig:
     mask_token_id: int | None = None  # override the checkpoint's [MASK] id
     trust_remote_code: bool = False  # families TraceRL has no native loader for
     tokenizer: str | None = None  # a tokenizer directory, for checkpoints published without one (MDLM, SEDD: GPT-2's)
-    use_chat_template: bool = False  # format prompts with the tokenizer's chat template (instruct models)
+    use_chat_template: bool = False  # format string prompts with the tokenizer's chat template (instruct models;
+    #   prompts given as chat messages always are, as in TRL)
     system_prompt: str | None = None  # prepended as a system message when use_chat_template is on
 
     def validate(self) -> None:
@@ -384,6 +385,10 @@ class RLConfig:
                 raise UserError(f"rewards[{i}].fn: every reward needs fn (a built-in name, module:function, "
                                 "file.py:function or a reward-model directory)")
         alg, steps = self.algorithm, self.trainer.optimizer_steps_per_epoch
+        if self.trainer.num_generations < 2 and not alg.use_value_model:  # TRL refuses it too
+            raise UserError("trainer.num_generations=1: the group baseline subtracts each completion's own reward, so "
+                            "every advantage would be 0 and nothing would train; use >= 2 completions per prompt, or "
+                            "algorithm.use_value_model: true (a learned baseline)")
         if steps > 1 and alg.loss_type == "reinforce":
             raise UserError("trainer.steps_per_generation > trainer.gradient_accumulation_steps needs "
                             "algorithm.loss_type=ppo: the later optimizer steps train on samples of an older policy, "

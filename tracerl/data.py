@@ -126,14 +126,21 @@ REWARD_ARGUMENTS = frozenset({"prompts", "completions", "completion_ids", "traje
                               "log_extra"})
 
 
-def _expand(files: list[str], key: str) -> list[str]:
-    """Glob patterns (data/train-*.parquet) expanded, in sorted order; a pattern matching nothing is refused."""
+def expand_files(files: list[str], key: str) -> list[str]:
+    """Glob patterns (data/train-*.parquet) expanded, in sorted order; a pattern matching nothing is refused. The
+    longest leading part that names an existing directory is taken literally, so a folder called run[1] is not
+    read as the character class [1]."""
     import glob
 
     out = []
     for f in files:
+        f = os.path.expanduser(f)
         if any(c in f for c in "*?[") and not Path(f).exists():
-            matched = sorted(glob.glob(os.path.expanduser(f), recursive=True))
+            parts = Path(f).parts
+            n = max((i for i in range(len(parts)) if Path(*parts[:i]).is_dir()), default=0) if len(parts) > 1 else 0
+            literal = glob.escape(str(Path(*parts[:n]))) if n else ""
+            pattern = os.path.join(literal, *parts[n:]) if literal else f
+            matched = sorted(glob.glob(pattern, recursive=True))
             if not matched:
                 raise UserError(f"{key}: the pattern {f!r} matches no file")
             out += matched
@@ -143,9 +150,11 @@ def _expand(files: list[str], key: str) -> list[str]:
 
 
 def _from_files(files: list[str], key: str = "data.train_files") -> Any:
+    import glob
+
     import datasets
 
-    files = _expand(files, key)
+    files = expand_files(files, key)
     for f in files:
         if Path(f).is_dir():
             raise UserError(f"data file {f!r} is a directory (a directory saved by datasets, or one holding a "
@@ -163,8 +172,9 @@ def _from_files(files: list[str], key: str = "data.train_files") -> Any:
     options = ({"features": _text_features(files[0]), "keep_default_na": False, "encoding": "utf-8-sig"}
                if builder == "csv" else {})
     try:
-        return datasets.load_dataset(builder, data_files=[str(Path(f).resolve()) for f in files], split="train",
-                                     **options)
+        # escaped: datasets reads data_files as patterns, and a literal run[1]/a.jsonl would match run1/a.jsonl
+        return datasets.load_dataset(builder, data_files=[glob.escape(str(Path(f).resolve())) for f in files],
+                                     split="train", **options)
     except Exception as exc:  # datasets raises many types for a malformed file; the user needs the file name
         raise UserError(f"data files {files}: could not be read as {builder} ({_root_cause(exc)})") from exc
 

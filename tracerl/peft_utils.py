@@ -133,7 +133,21 @@ def merge_into_base(model: DiffusionLM) -> None:
         raise UserError("the model's LoRA adapter was not loaded from a directory, so an adapter trained on top of "
                         "it could not be loaded again; merge it first (tracerl export) and start from the result")
     model.backbone = backbone.merge_and_unload()
-    model.backbone._tracerl_merged_adapters = chain + [source]
+    model.backbone._tracerl_merged_adapters = chain + [{"path": source, "sha256": _weights_digest(Path(source))}]
+
+
+def _weights_digest(adapter_dir: Path) -> str:
+    """SHA-256 of an adapter's weights file: an adapter trained on top of it checks it is still the same one (a
+    later run writing its final/ in the same place would otherwise be merged in its stead, silently)."""
+    import hashlib
+
+    files = sorted(adapter_dir.glob("adapter_model.*"))
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def save_lora(model: DiffusionLM, path: str | Path) -> None:
@@ -198,11 +212,16 @@ def _merge_earlier_adapters(model: DiffusionLM, adapter_dir: Path) -> None:
     if not listing.is_file():
         return
     for earlier in json.loads(listing.read_text())["merge_into_base_first"]:
-        if not (Path(earlier) / ADAPTER_CONFIG).is_file():
-            raise UserError(f"{adapter_dir}: the adapter was trained on top of the LoRA adapter {earlier!r} "
+        path, digest = earlier["path"], earlier["sha256"]
+        if not (Path(path) / ADAPTER_CONFIG).is_file():
+            raise UserError(f"{adapter_dir}: the adapter was trained on top of the LoRA adapter {path!r} "
                             f"({MERGED_ADAPTERS}), which is no longer there; without it the adapter would be "
                             "applied to the wrong weights")
-        load_lora(model, earlier)
+        if _weights_digest(Path(path)) != digest:
+            raise UserError(f"{adapter_dir}: the adapter was trained on top of the LoRA adapter in {path!r}, whose "
+                            f"weights have changed since (another run wrote there? {MERGED_ADAPTERS} holds the "
+                            "SHA-256 it had); put that adapter back, or point the file at where it is now")
+        load_lora(model, path)
         merge_into_base(model)
 
 

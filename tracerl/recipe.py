@@ -88,13 +88,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise UserError(f"override {item!r} is not of the form key.path=value")
     key, _, text = item.partition("=")
-    if "#" in text and text.lstrip()[:1] not in ("'", '"', "[", "{"):
-        value: Any = text  # YAML would read `#...` as a comment and cut it (a prompt "#1 rule: ..." became null)
-    else:
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+    try:
+        value: Any = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if "#" in text and "#" not in repr(value):  # YAML read `#...` as a comment and cut it: a prompt "#1 rule: ..."
+        value = text  # became null, "{question} #1" a mapping; on a command line it is text
+
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:

@@ -410,14 +410,17 @@ def test_format_prompt_errors(models):
     from tracerl.models.prompting import format_prompt
 
     tok = models["llada"].tokenizer
-    with pytest.raises(UserError, match="use_chat_template: true"):
-        format_prompt(tok, [{"role": "user", "content": "hi"}], use_chat_template=False)
+    conversation = [{"role": "user", "content": "hi"}]
+    # a conversation always goes through the template, as TRL applies it to conversational data
+    assert format_prompt(tok, conversation, use_chat_template=False) == format_prompt(tok, "hi", True)
     with pytest.raises(UserError, match="'role' and 'content'"):
         format_prompt(tok, [{"text": "hi"}], use_chat_template=True)
     template, tok.chat_template = tok.chat_template, None
     try:
         with pytest.raises(UserError, match="no chat template"):
             format_prompt(tok, "hi", use_chat_template=True)
+        with pytest.raises(UserError, match="the prompt is a conversation .* has no chat template"):
+            format_prompt(tok, conversation, use_chat_template=False)
     finally:
         tok.chat_template = template
 

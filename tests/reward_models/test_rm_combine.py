@@ -337,7 +337,7 @@ def test_any_iterable_of_values_is_accepted_as_trl_does():
 
     result = RewardSet([generator, mapped])(PROMPTS, COMPLETIONS)
     assert result.per_function.tolist() == [[2.0, 1.0], [4.0, 1.0], [1.0, 1.0]]
-    with pytest.raises(RewardError, match=r"reward 'breaks_midway'.*raised ValueError while its values were read"):
+    with pytest.raises(RewardError, match=r"reward 'breaks_midway'.*raised ValueError: third-party parser failed"):
         RewardSet([breaks_midway])(PROMPTS, COMPLETIONS)
     for bad in ("0.5", {"a": 1.0}):
         with pytest.raises(RewardError, match=rf"returned a {type(bad).__name__}, expected a list of 3"):
@@ -386,6 +386,54 @@ def test_a_reward_cannot_change_the_runs_randomness_dtype_or_grad_mode(caplog):
     assert np.random.rand() == expected[2]
     assert "a reward of 'meddles' changed torch's default dtype to torch.float64" in caplog.text
     assert "grad mode" in caplog.text
+
+
+def test_rewards_draw_a_continuing_random_stream_of_their_own():
+    """A reward's random choices (tie-breaks, a subsampled judge) differ from batch to batch, while training's
+    generators are left as if no reward had run."""
+    import random
+
+    draws = []
+
+    def samples(prompts, completions, **kwargs):
+        draws.append((random.random(), float(torch.rand(1)), float(np.random.rand())))
+        return [1.0] * len(completions)
+
+    rs = RewardSet([samples])
+    torch.manual_seed(0)
+    random.seed(0)
+    expected = (torch.rand(1), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    for _ in range(3):
+        rs(PROMPTS, COMPLETIONS)
+    assert len(set(draws)) == 3  # not the same draws on every call
+    assert torch.equal(torch.rand(1), expected[0]) and random.random() == expected[1]
+
+
+def test_an_interrupted_reward_still_has_the_process_state_put_back(tmp_path):
+    import os
+
+    def interrupted(prompts, completions, **kwargs):
+        os.chdir(tmp_path)
+        torch.set_grad_enabled(False)
+        raise KeyboardInterrupt
+
+    before = os.getcwd()
+    with pytest.raises(KeyboardInterrupt):
+        RewardSet([interrupted])(PROMPTS, COMPLETIONS)
+    assert os.getcwd() == before and torch.is_grad_enabled()
+
+
+def test_a_lazy_return_value_is_read_inside_the_timeout():
+    def slow_generator(prompts, completions, **kwargs):
+        return (time.sleep(0.4) or 1.0 for _ in completions)  # the work happens while the values are read
+
+    rs = RewardSet([slow_generator], timeout_s=0.3, on_error="zero")
+    start = time.perf_counter()
+    result = rs(PROMPTS, COMPLETIONS)
+    assert time.perf_counter() - start < 1.0 and result.metrics["reward_errors/slow_generator"] == 3
+    rs.close()
 
 
 def test_single_sample_reruns_pass_each_sample_its_own_trajectory_row_and_keep_log_extra_aligned():

@@ -25,19 +25,18 @@ def format_prompt(
     """The text to tokenize for one prompt.
 
     prompt: a user message, or a conversation as TRL writes it ([{"role": ..., "content": ...}, ...]).
-    use_chat_template: True applies the tokenizer's template with the assistant turn opened
-    (add_generation_prompt=True); False returns the text as is (a conversation is then an error, since
-    there is no neutral way to flatten one). system_prompt: a system message placed first (chat), or a
-    paragraph placed before the prompt (raw).
+    use_chat_template: True applies the tokenizer's template to a string prompt too, with the assistant turn
+    opened (add_generation_prompt=True); False returns a string prompt as is. A conversation always goes through
+    the template, as in TRL (there is no neutral way to flatten one). system_prompt: a system message placed
+    first (chat), or a paragraph placed before the prompt (raw).
     """
-    if not use_chat_template:
-        if not isinstance(prompt, str):
-            raise UserError("a prompt given as chat messages needs use_chat_template: true")
+    if not use_chat_template and isinstance(prompt, str):
         return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        why = "use_chat_template is true" if use_chat_template else "the prompt is a conversation (chat messages)"
         raise UserError(
-            f"use_chat_template is true but the tokenizer {name!r} has no chat template (a base model?); set "
+            f"{why} but the tokenizer {name!r} has no chat template (a base model?); give string prompts with "
             "use_chat_template: false, or add a chat_template to its tokenizer_config.json"
         )
     messages = _messages(prompt)
