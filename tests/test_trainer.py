@@ -382,6 +382,22 @@ def test_rl_from_an_sft_adapter_keeps_the_sft_model_as_its_reference(tmp_path):
         load_adapter(saved)
 
 
+def test_a_prompt_drawn_twice_in_one_step_gets_two_different_groups(tmp_path):
+    """3 rows and 4 prompts per step: one prompt is drawn twice. Seeded by (step, row, g) alone its two groups were
+    bit-identical, the prompt counted double with nothing new; the second draw has seeds of its own."""
+    trainer = RLTrainer(make_config(tmp_path, False, trainer={"per_device_train_batch_size": 16}), tiny(False),
+                        distinct_chars, ROWS[:3])
+    indices, repeats = trainer._step_draw()
+    assert len(indices) == 4 and sorted(repeats) == [0, 0, 0, 1]
+    batch = trainer.sample_and_score(indices, repeats)
+    ids = batch.traj.response_ids.view(4, 4, -1)  # [prompt, g, L]
+    twice = [j for j, i in enumerate(indices) if indices.count(i) == 2]
+    assert not torch.equal(ids[twice[0]], ids[twice[1]])
+    first = [j for j, r in enumerate(repeats) if r == 0]  # a first draw keeps the seeds it always had
+    alone = trainer.sample_and_score([indices[first[0]]]).traj.response_ids
+    assert torch.equal(alone, ids[first[0]])
+
+
 def _scored_with(trainer, rewards):
     """A real rollout of two prompts x 4 whose rewards are then set by hand, and its replay."""
     from tracerl import credit

@@ -263,7 +263,7 @@ class RLTrainer:
         """One RL step: rollout -> score -> credit -> replay -> update; returns its metrics over all ranks (TRL's
         names where they exist)."""
         t0 = time.perf_counter()
-        batch = self.sample_and_score(self._step_indices())  # rollout + rewards: tracerl/scoring.py
+        batch = self.sample_and_score(*self._step_draw())  # rollout + rewards: tracerl/scoring.py
         t_rollout = time.perf_counter() - t0
         learned = self.learn(batch.traj, batch.rewards, batch.process)  # credit -> replay -> update
         self._last_samples = sample_rows(batch, limit=4)
@@ -295,18 +295,28 @@ class RLTrainer:
         return {**adv.metrics, **update_metrics,
                 "trajectory/replay_forwards_per_response": replay.forwards_per_response}
 
-    def _step_indices(self) -> list[int]:
-        """This rank's prompts (dataset indices): every rank draws the same global order and takes its slice."""
+    def _step_draw(self) -> tuple[list[int], list[int]]:
+        """This rank's prompts (dataset indices), and for each how many times the step drew it before: every rank
+        draws the same global order and takes its slice (a step that crosses an epoch boundary, or a dataset
+        smaller than a step, draws some prompts twice)."""
         tr, rank = self.config.trainer, self.backend.rank
         k = completions_per_step(tr) // tr.num_generations  # prompts per rank
-        picked = self.sampler.next(k * self.backend.world_size)
-        return [int(i) for i in picked[rank * k:(rank + 1) * k]]
+        picked = [int(i) for i in self.sampler.next(k * self.backend.world_size)]
+        repeats = [picked[:j].count(i) for j, i in enumerate(picked)]
+        return picked[rank * k:(rank + 1) * k], repeats[rank * k:(rank + 1) * k]
 
-    def sample_and_score(self, indices: list[int]) -> ScoredBatch:
+    def _step_indices(self) -> list[int]:
+        return self._step_draw()[0]
+
+    def sample_and_score(self, indices: list[int], repeats: list[int] | None = None) -> ScoredBatch:
         """G completions for the prompts of dataset rows `indices`, scored. Completion g of prompt i samples from
-        its own seed (run seed, step, i, g), so what a prompt gets depends on the policy and that seed only."""
+        its own seed (run seed, step, i, g; and r when the step drew prompt i for the r-th time before, so a prompt
+        drawn twice gets two different groups), so what a prompt gets depends on the policy and that seed only."""
         tr, m = self.config.trainer, self.config.model
-        seeds = [[derive_seed(tr.seed, self.step, i, g) for g in range(tr.num_generations)] for i in indices]
+        if repeats is None:
+            repeats = [indices[:j].count(i) for j, i in enumerate(indices)]
+        seeds = [[derive_seed(tr.seed, self.step, i, g, *([r] if r else [])) for g in range(tr.num_generations)]
+                 for i, r in zip(indices, repeats)]
         with self.backend.generation(self.policy):  # ZeRO-3: full parameters for the rollout's forwards
             return sample_and_score(self.model, [self.rows[i] for i in indices], self.config.rollout, self.reward_fn,
                                     tr.num_generations, seeds, m.use_chat_template, m.system_prompt,
