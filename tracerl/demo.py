@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"before": before, "after": dict(zip(map(str, a.seeds), after)), "seconds": time.perf_counter() - t0}
     (root / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nplot: {png}   numbers: {root / 'results.json'}   total {time.perf_counter() - t0:.0f} s")
-    print(f"see a trajectory: tracerl generate --model {last} --prompt $'Sudoku: 1003201001320241\\n' "
+    print(f"see a trajectory: tracerl generate --model {last} --prompt $'Sudoku: 1200301201304301\\n' "
           f"--max-completion-length 16 --steps 4 --temperature 0 --show-trajectory --plot {root / 'trajectory.png'}")
     return 0
 
