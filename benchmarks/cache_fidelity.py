@@ -14,6 +14,12 @@ the fixed 2 tokens per step, i.e. parallel decoding on top of the cache. The fir
 `none`, the exact decoder): agreement = the share of response tokens equal to its tokens, accuracy = exact copies
 (tracerl.tasks.repeat.solved_reward).
 
+Two agreement columns, because a threshold changes the decoding policy as well as the cost. "tokens equal to exact"
+compares with the reference (the fixed schedule): it counts both what the cache approximates and the different order
+the threshold commits in. "same schedule" compares with the exact decoder at the variant's own schedule (`none@T`
+for `X@T`, `none` for the rest): what the cache alone changes. The exact counterpart a variant needs is run (and
+printed) before it when the list lacks it.
+
 Two speed columns. "speed-up" is wall-clock on this machine, where a tiny model's per-call overhead makes a cached
 step cost far more than its share of the arithmetic. "compute" is hardware-independent: the reference's positions
 run through the network (positions entering each layer, summed over forwards and divided by the layers, so a
@@ -36,6 +42,24 @@ from tracerl.rollout.caching import cache_settings
 from tracerl.rollout.display import completions
 from tracerl.tasks import read_rows
 from tracerl.tasks.repeat import PROMPT_TEMPLATE, chars_reward, solved_reward
+
+
+def exact_counterpart(name: str) -> str:
+    """The exact decoder at a variant's schedule: 'dual:h8@0.9' -> 'none@0.9', 'dual:h8' -> 'none'."""
+    _, at, threshold = name.partition("@")
+    return f"none{at}{threshold}"
+
+
+def with_exact_counterparts(variants: list[str]) -> list[str]:
+    """The variants in order, each preceded by its exact counterpart where the list runs none before it."""
+    ordered: list[str] = []
+    for name in variants:
+        counterpart = exact_counterpart(name)
+        if counterpart not in ordered and counterpart != name:
+            ordered.append(counterpart)
+        if name not in ordered:
+            ordered.append(name)
+    return ordered
 
 
 def variant_config(name: str, length: int) -> RolloutConfig:
@@ -97,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     args.model = args.model or f"outputs/repeat{tag}/sft/final"
     args.data = args.data or f"recipes/data/repeat{tag}_test.jsonl"
     torch.set_num_threads(args.threads)
-    configs = {name: variant_config(name, args.length) for name in args.variants}
+    if exact_counterpart(args.variants[0]) != args.variants[0]:
+        raise SystemExit(f"the first variant is the reference and must be an exact decoder (none or none@T), "
+                         f"got {args.variants[0]!r}")
+    variants = with_exact_counterparts(args.variants)
+    configs = {name: variant_config(name, args.length) for name in variants}
     model = load_model(args.model)
     counter = PositionCounter(model)
     rows = read_rows(args.data)[:args.n]
@@ -106,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.data}: solutions are not {args.length} characters (pass --length)")
     print(f"{args.model}: {len(rows)} held-out prompts, batch {args.batch}, {args.length} tokens, block 32, "
           "2 tokens/step (@T: threshold T)")
-    print("| cache | forwards | tokens/s | speed-up | compute | tokens equal to exact | exact copies | "
+    print("| cache | forwards | tokens/s | speed-up | compute | tokens equal to exact | same schedule | exact copies | "
           "characters right |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     exact_ids, exact_tps, exact_positions = None, None, None
+    outputs: dict[str, torch.Tensor] = {}  # response ids [n, length] of every variant run so far
     for name, cfg in configs.items():
         ids, texts, seconds, forwards = [], [], 0.0, 0
         counter.positions = 0
@@ -127,12 +156,14 @@ def main(argv: list[str] | None = None) -> None:
         tps = ids.numel() / seconds
         if exact_ids is None:
             exact_ids, exact_tps, exact_positions = ids, tps, counter.positions
+        outputs[name] = ids
         agree = (ids == exact_ids).float().mean().item()
+        same_schedule = (ids == outputs[exact_counterpart(name)]).float().mean().item()
         solved = sum(solved_reward(None, texts, gold)) / len(rows)
         chars = sum(chars_reward(None, texts, gold)) / len(rows)
         compute = exact_positions / counter.positions
         print(f"| {name} | {forwards} | {tps:,.0f} | {tps / exact_tps:.2f}x | {compute:.2f}x | {100 * agree:.1f}% | "
-              f"{100 * solved:.1f}% | {100 * chars:.1f}% |", flush=True)
+              f"{100 * same_schedule:.1f}% | {100 * solved:.1f}% | {100 * chars:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,20 @@ def test_the_fidelity_table_compares_each_variant_with_the_exact_decoder(tmp_pat
 
     build_tiny_model("llama", seed=0).save_pretrained(tmp_path / "tiny")
     cache_fidelity.main(["--model", str(tmp_path / "tiny"), "--n", "3", "--batch", "2", "--threads", "1",
-                         "--variants", "none", "dual:h8", "dual:r1", "dual", "none@0.000001", "elastic:g0"])
+                         "--variants", "none", "dual:h8", "dual:r1", "dual", "none@0.000001", "elastic:g0",
+                         "dual:r1@0.5"])
     rows = table_rows(capsys.readouterr().out)
-    assert set(rows) == {"none", "dual:h8", "dual:r1", "dual", "none@0.000001", "elastic:g0"}
-    forwards, compute, agreement = ({name: row[i] for name, row in rows.items()} for i in (1, 4, 5))
+    # dual:r1@0.5's exact counterpart at its own schedule, none@0.5, is run before it although not asked for
+    assert list(rows) == ["none", "dual:h8", "dual:r1", "dual", "none@0.000001", "elastic:g0", "none@0.5",
+                          "dual:r1@0.5"]
+    forwards, compute, agreement, same = ({name: row[i] for name, row in rows.items()} for i in (1, 4, 5, 6))
     assert agreement["none"] == "100.0%" and compute["none"] == "1.00x"  # the reference against itself
     # a refresh at every step is the exact decoder: the same tokens from the same full-frame forwards
     assert agreement["dual:r1"] == "100.0%" and compute["dual:r1"] == "1.00x"
+    # ... at the threshold's schedule too, where the fixed-schedule reference is no longer the right comparison
+    assert same["dual:r1@0.5"] == "100.0%" and forwards["dual:r1@0.5"] == forwards["none@0.5"]
+    assert same["none@0.000001"] == same["none"] == "100.0%"  # each exact decoder against itself
+    assert same["dual"] == agreement["dual"]  # without a threshold the reference is the same-schedule one
     # the dual cache runs 32-position windows after each block's full forward; a horizon of 8 widens them
     assert 1.0 < float(compute["dual:h8"][:-1]) < float(compute["dual"][:-1])
     assert forwards["dual"] == forwards["none"]  # a cache changes what a forward runs, not how many
@@ -77,3 +84,9 @@ def test_a_bad_variant_is_refused_by_name(cache_fidelity, variant, says):
     with pytest.raises(SystemExit) as exc:
         cache_fidelity.variant_config(variant, 256)
     assert f"variant {variant!r}" in str(exc.value) and says in str(exc.value)
+
+
+def test_the_reference_must_be_an_exact_decoder(cache_fidelity):
+    with pytest.raises(SystemExit) as exc:
+        cache_fidelity.main(["--variants", "dual@0.9", "none@0.9"])
+    assert "must be an exact decoder" in str(exc.value) and "'dual@0.9'" in str(exc.value)

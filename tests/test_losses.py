@@ -10,7 +10,7 @@ import torch
 from tracerl.losses import aggregate, entropy_from_logits, kl_penalty, policy_loss, token_weights, value_loss
 
 NAN, INF = float("nan"), float("inf")
-AGGS = ("token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant")
+AGGS = ("token-mean", "step-mean", "sequence-mean", "sequence-sum", "state-sum", "constant")
 
 
 def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
@@ -35,6 +35,8 @@ def test_token_weights_by_hand():
     close(token_weights(MASK, "constant", constant=5.0), [[0.2, 0.2, 0.2, 0], [0.2, 0, 0, 0]])
     # step-mean: groups (seq 0, step 0) = 2 tokens, (0, 1) = 1, (1, 2) = 1 -> each gets 1/3
     close(token_weights(MASK, "step-mean", STEPS), [[1 / 6, 1 / 6, 1 / 3, 0], [1 / 3, 0, 0, 0]])
+    # state-sum: 3 states with a token ((0, 0), (0, 1), (1, 2)), each state's sum over L = 4, then their mean
+    close(token_weights(MASK, "state-sum", STEPS), [[1 / 12, 1 / 12, 1 / 12, 0], [1 / 12, 0, 0, 0]])
     assert token_weights(MASK, dtype=torch.float64).dtype == torch.float64
 
 
@@ -60,8 +62,9 @@ def test_step_mean_groups_span_rows():
 
 
 def test_token_weights_errors():
-    with pytest.raises(ValueError):
-        token_weights(MASK, "step-mean")
+    for agg in ("step-mean", "state-sum"):
+        with pytest.raises(ValueError, match=f"agg='{agg}' needs step_ids"):
+            token_weights(MASK, agg)
     with pytest.raises(ValueError):
         token_weights(MASK, "sum")
 

@@ -517,6 +517,50 @@ def test_sequence_sum_counts_only_the_groups_the_pass_rate_filter_keeps(tmp_path
     assert torch.all(w[:4][adv.token_mask[:4]] == 1.0 / (traj.response_length * 4)) and not w[4:].any()
 
 
+def _dllm_rl_rounds(step_map: torch.Tensor, block: torch.Tensor) -> list[torch.Tensor]:
+    """dLLM-RL's training rows of one response (train/rl_sdar.py one_round_vectorized, commit 10b4fd1): round after
+    round, every block gives up the positions at its smallest remaining step; -1 = no step. Returns each round's
+    p_mask [L]."""
+    remaining, rounds = step_map.clone(), []
+    while (remaining >= 0).any():
+        p_mask = torch.zeros_like(remaining, dtype=torch.bool)
+        for b in block.unique():
+            in_block = (block == b) & (remaining >= 0)
+            if in_block.any():
+                p_mask |= in_block & (remaining == remaining[in_block].min())
+        rounds.append(p_mask)
+        remaining = torch.where(p_mask, -1, remaining)
+    return rounds
+
+
+def test_state_sum_is_dllm_rl_block_diffusion_normaliser(tmp_path):
+    """dLLM-RL's rl_sdar.py divides each training row's sum by the response length L1 and the rows' total by their
+    count B; a row is one round (every block's next step), and rows left without a trained token (post_num) go.
+    So a token's weight is 1 / (L1 x the kept rounds of the kept groups), not 1 / (L1 x responses)."""
+    cfg = make_config(tmp_path, True, algorithm={"loss_aggregation": "state-sum", "pass_rate_filter": [0.2, 0.8],
+                                                 "trained_pad_tokens": 0},
+                      rollout={"threshold": 0.01})  # the dynamic threshold: a varying number of steps per block
+    trainer = RLTrainer(cfg, tiny(True), frac_target, ROWS)
+    traj, rewards, train_step, replay = _scored_with(trainer, [1.0, 0, 0, 0, 1, 1, 1, 1])
+    traj.response_ids[1, -5:] = trainer.model.pad_token_id  # row 1 ends in padding: not trained (post_num 0)
+    adv, _ = trainer.assign_credit(traj, rewards, train_step, replay)
+    seen = {}
+    trainer._epoch = lambda trainable, objectives, rows, state: seen.update(w=state.weights) or {}
+    trainer.update(traj, train_step, replay, adv, None)
+    L, block = traj.response_length, traj.block_of_position()
+    rows_per_response = []
+    for n in range(4):  # group 2 (rows 4-7) solved 4 of 4: dropped before batching
+        rounds = _dllm_rl_rounds(torch.where(traj.action_mask[n], train_step[n], -1), block[n])
+        rows_per_response.append(sum(bool((p & adv.token_mask[n]).any()) for p in rounds))
+    assert len(set(rows_per_response)) > 1  # responses differ in rounds: sequence-sum's L x 4 would not match
+    w = seen["w"]
+    torch.testing.assert_close(w[:4][adv.token_mask[:4]], torch.full((int(adv.token_mask[:4].sum()),),
+                               1.0 / (L * sum(rows_per_response))), rtol=1e-6, atol=0)
+    assert not w[4:].any() and not w[:4][~adv.token_mask[:4]].any()
+    with pytest.raises(UserError, match="loss_aggregation=state-sum needs algorithm.estimator=trace"):
+        make_config(tmp_path, True, algorithm={"loss_aggregation": "state-sum", "estimator": "d1"}).validate()
+
+
 def test_bad_mini_batch_and_kl_combinations_name_the_keys(tmp_path):
     for sections, message in [
         ({"trainer": {"steps_per_generation": 2}, "algorithm": {"loss_type": "reinforce"}},

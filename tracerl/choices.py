@@ -15,8 +15,8 @@ DriftAxis = Literal["heads", "keys"]
 LossType = Literal["ppo", "reinforce", "wd1"]
 KLKind = Literal["k1", "k2", "k3"]
 KLAgainst = Literal["reference", "old"]
-Aggregation = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "constant", "microbatch-token-mean",
-                      "microbatch-sum"]
+Aggregation = Literal["token-mean", "step-mean", "sequence-mean", "sequence-sum", "state-sum", "constant",
+                      "microbatch-token-mean", "microbatch-sum"]
 ScaleRewards = Literal["group", "group-population", "batch", "none"]
 ValueOutcome = Literal["raw", "group"]
 OldLogprobs = Literal["recompute", "rollout"]

@@ -163,6 +163,7 @@ class AlgorithmConfig:
     #   this RL step's update, dLLM-RL's: no reference model; nonzero only once the policy has stepped, i.e. with
     #   trainer.steps_per_generation or num_iterations > 1)
     loss_aggregation: Aggregation | None = None  # token-mean | step-mean | sequence-mean | sequence-sum (Dr. GRPO) |
+    #   state-sum (dLLM-RL's block diffusion: each training state's sum / L, averaged over the states; trace only) |
     #   microbatch-token-mean (d1, coupled: sum(m l) / sum(m) per micro-batch) | microbatch-sum (wd1); unset: the
     #   estimator's (trace: token-mean)
     scale_rewards: ScaleRewards | None = None  # group | group-population | batch | none: divide the group-relative
@@ -217,6 +218,10 @@ class AlgorithmConfig:
             raise UserError("algorithm.rollout_correction=tis needs algorithm.estimator=trace, algorithm.shrink=1 and "
                             "algorithm.old_logprobs=recompute: it weighs the replay's old log-prob against the "
                             "sampler's, token by token on the states the sampler visited")
+        if self.loss_aggregation == "state-sum" and self.estimator != "trace":
+            raise UserError(f"algorithm.loss_aggregation=state-sum needs algorithm.estimator=trace: it counts the "
+                            f"trajectory states the replay trains on, and {self.estimator} trains on random masks "
+                            f"(sequence-sum is its per-response counterpart)")
         if self.kl_against == "old" and self.beta > 0 and self.estimator == "wd1":
             raise UserError("algorithm.kl_against=old does not go with algorithm.estimator=wd1: wd1 keeps no old "
                             "log-probs (its objective has no ratio)")

@@ -50,7 +50,7 @@ def token_weights(
     """Token weights w [R, L] over the WHOLE batch (every micro-batch and, through `all_reduce`, every rank);
     loss = sum_j w_j l_j. Zero outside mask.
 
-    mask [R, L] bool; step_ids [R, L] int64 (-1 where nothing scored; needed for step-mean); seq_ids [R] int64
+    mask [R, L] bool; step_ids [R, L] int64 (-1 where nothing scored; needed for step-mean and state-sum); seq_ids [R] int64
     (sequence of each row: one sequence's tokens may spread over several rows; None = arange(R)); microbatch [R]
     the micro-batch of each row (the microbatch modes); all_reduce sums a count over the data-parallel ranks
     (None: one process). Counts are global, so each rank's loss is its share of the global loss:
@@ -58,6 +58,9 @@ def token_weights(
       step-mean:      w = 1 / (#groups * |group|), group = (sequence, step), possibly spanning rows
       sequence-mean:  w = 1 / (#sequences * #tokens of the sequence)   (sequences with tokens)
       sequence-sum:   w = 1 / constant, constant = L * #sequences by default (Dr. GRPO); "constant" is an alias.
+      state-sum:      w = 1 / (L * #states), state = (sequence, step_ids) with a token in mask: pass the training
+                      state (replay row) that scores each token as step_ids (dLLM-RL's rl_sdar.py: every training
+                      row's sum over the response length L, then the mean over the rows)
       microbatch-token-mean:  w = 1 / (max(#tokens of the row's micro-batch, 1) * #micro-batches)   (d1, coupled:
                       each micro-batch's loss is sum(m l) / sum(m), and gradient accumulation and data parallelism
                       average the micro-batches)
@@ -88,6 +91,13 @@ def token_weights(
         top = step.amax() + 1 if step.numel() else 1  # no rows at all (an empty mini-batch): nothing to weigh
         size, n = _group_sizes(seq_tok * top + step, valid)  # key = (sequence, step)
         w = 1.0 / (total(n) * size).clamp(min=1)
+    elif agg == "state-sum":
+        if step_ids is None:
+            raise ValueError("agg='state-sum' needs step_ids (the state scoring each token)")
+        valid = mask & (step_ids >= 0)
+        top = step_ids.amax() + 1 if step_ids.numel() else 1
+        _, n = _group_sizes(seq_tok * top + torch.where(valid, step_ids, 0), valid)  # key = (sequence, state)
+        w = 1.0 / (length * total(n)).clamp(min=1)
     elif agg in ("microbatch-token-mean", "microbatch-sum"):
         if microbatch is None:
             raise ValueError(f"agg={agg!r} needs microbatch")

@@ -100,6 +100,14 @@ class ReplayBatch:
             (rows, pos), torch.ones_like(pos, dtype=torch.bool))
         return seqs, scores, touched
 
+    def token_rows(self, shape: torch.Size) -> torch.Tensor:
+        """[N, L] int64: the row (training state) scoring each trajectory token, -1 where none does. For rows that
+        score each token once (trace); elsewhere a token keeps one of its rows."""
+        out = torch.full(shape, -1, dtype=torch.long)
+        rows, cols = self.loss_mask.nonzero(as_tuple=True)
+        out[self.source_row[rows], self.source_pos[rows, cols]] = rows
+        return out
+
     def scatter(self, per_row: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """[R, T] values at scored positions -> [N, L] per trajectory token (each token is scored once)."""
         out = torch.zeros(shape, dtype=per_row.dtype)

@@ -451,7 +451,9 @@ class RLTrainer:
         mask = loss_mask & adv.token_mask  # [N, L]
         microbatch = torch.arange(N) // tr.per_device_train_batch_size  # [N]
         minibatch = microbatch // tr.gradient_accumulation_steps  # [N] the optimizer step that trains the row
-        step_ids = torch.where(mask, train_step, -1)
+        # step-mean groups tokens by step; state-sum counts the training states (replay rows) that score them
+        states = replay.token_rows(mask.shape) if alg.loss_aggregation == "state-sum" else train_step
+        step_ids = torch.where(mask, states, -1)
         # weights over each optimizer step's WHOLE batch (every micro-batch and rank): its micro-batches then sum
         # to exactly that step's loss; one step per epoch unless trainer.steps_per_generation asks for more
         weights = torch.zeros(mask.shape, dtype=torch.float32)
