@@ -218,3 +218,15 @@ def test_a_thread_left_running_does_not_keep_the_finished_process_alive():
     clean = subprocess.run([sys.executable, "-c", "import tracerl.cli as cli\ncli.main = lambda: 0\ncli.entry()\n"],
                            capture_output=True, text=True, timeout=60)
     assert clean.returncode == 0 and clean.stderr == ""
+
+
+@pytest.mark.parametrize("command", [["sft", "recipes/repeat_sft.yaml"], ["eval", "recipes/sudoku_tracerl.yaml"],
+                                     ["generate", "--model", "m", "--prompt", "x"]])
+def test_single_process_commands_refuse_a_launcher(command, monkeypatch, capsys):
+    """Under deepspeed every process would run the whole sft / eval / generate into the same output."""
+    from tracerl.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"`tracerl {command[0]}` runs in one process" in err and "WORLD_SIZE=2" in err

@@ -106,6 +106,19 @@ def test_zero2_update_equals_single_process(launch):
 
 
 @pytest.mark.slow
+def test_step_rewards_on_one_rank_only_train_as_one_process(launch):
+    """Rank 0's prompts get per-step rewards and rank 1's do not: the batch std of the step rewards all-reduces,
+    so both ranks take that path (it used to be a collective mismatch that aborted the run)."""
+    rank0, _ = scenario(launch, "step_rewards_on_one_rank")
+    (r,) = rank0["rounds"]
+    _check_round(r)
+    for key in ("loss", "rewards/process/mean"):
+        if key in r["metrics"]:
+            assert r["metrics"][key][0] == pytest.approx(r["metrics"][key][1], rel=1e-5, abs=1e-6), key
+    assert "loss" in r["metrics"]
+
+
+@pytest.mark.slow
 def test_zero3_value_model_and_reference_equal_single_process(launch):
     """ZeRO-3 policy + a second engine for the full-copy value model (globally whitened GAE) + a partitioned
     frozen reference for the KL term."""
@@ -330,3 +343,39 @@ def test_step_metrics_a_rank_lacks_are_averaged_over_the_ranks_that_have_them():
     for mine in ranks:
         backend = SimpleNamespace(world_size=2, all_gather_object=lambda _: ranks)
         assert across_ranks(backend, mine) == {"reward": 2.0, "custom/a": 2.0, "custom/b": 5.0}
+
+
+def test_reward_error_counts_sum_and_reward_stds_pool_over_ranks():
+    """Two ranks each with 2 completions: the job's reward_errors count is the sum, and a reward function's std is
+    the std of all 4 values (the mean of the two per-rank stds is not), as one process computes them."""
+    import statistics
+    from types import SimpleNamespace
+
+    from tracerl.data_parallel import across_ranks, per_function_stats
+
+    values = [[0.0, 1.0], [0.25, float("nan")]]  # rank 1's second sample got no value (None)
+    backend = SimpleNamespace(world_size=2, all_gather_object=lambda _: values)
+    stats = per_function_stats(backend, {"acc": values[0]})
+    assert stats["rewards/acc/mean"] == pytest.approx(statistics.mean([0.0, 1.0, 0.25]))
+    assert stats["rewards/acc/std"] == pytest.approx(statistics.stdev([0.0, 1.0, 0.25]))
+    ranks = [{"reward_errors/acc": 4.0, "reward": 1.0}, {"reward_errors/acc": 0.0, "reward": 1.0}]
+    backend = SimpleNamespace(world_size=2, all_gather_object=lambda _: ranks)
+    assert across_ranks(backend, ranks[0])["reward_errors/acc"] == 4.0
+    assert per_function_stats(SimpleNamespace(world_size=1), {"acc": [1.0]}) == {}
+
+
+def test_resuming_under_another_zero_stage_names_both_stages(tmp_path):
+    """DeepSpeed cannot load ZeRO-2 optimizer shards into a ZeRO-3 engine (a bare assert deep inside it)."""
+    import json
+    from types import SimpleNamespace
+
+    from tracerl.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "checkpoint-1"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "world_size": 2, "deepspeed": True,
+                                                         "zero_stage": 2}))
+    backend = SimpleNamespace(engine_checkpoints=True, world_size=2, stage=3)
+    with pytest.raises(UserError, match="written under ZeRO stage 2, and this run's distributed.deepspeed config is "
+                                        "stage 3"):
+        load_checkpoint(SimpleNamespace(backend=backend), ckpt)

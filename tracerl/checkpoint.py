@@ -67,7 +67,7 @@ def save_checkpoint(trainer: Any) -> Path:
         state = trainer.state_dict()
         torch.save(state, tmp / "training_state.pt")
         meta = {"step": state["step"], "sampler": state["sampler"], "world_size": backend.world_size,
-                "deepspeed": backend.engine_checkpoints}  # for people and for `latest`; the state is in the .pt
+                "deepspeed": backend.engine_checkpoints, "zero_stage": getattr(backend, "stage", None)}  # for people and for `latest`; the state is in the .pt
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     backend.barrier()  # every shard is written before the rename makes the checkpoint visible
     if backend.is_main:
@@ -186,6 +186,11 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         if int(meta.get("world_size", 1)) != backend.world_size:
             raise UserError(f"{path} was written by {meta.get('world_size')} ranks; resume it with the same number "
                             f"(this run has {backend.world_size})")
+        stage, ours = meta.get("zero_stage"), getattr(backend, "stage", None)
+        if stage is not None and ours is not None and int(stage) != int(ours):
+            raise UserError(f"{path} was written under ZeRO stage {stage}, and this run's distributed.deepspeed config "
+                            f"is stage {ours}: DeepSpeed cannot load one stage's optimizer shards into another. "
+                            "Resume with the same config (its model/ directory can start a new run as model.path)")
         engines = trainer.engines()
         if "value" in engines and not (path / "deepspeed/value").is_dir():
             raise UserError(f"{path}: the checkpoint has no value model but algorithm.use_value_model is on")

@@ -374,6 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MULTI_PROCESS_COMMANDS = ("train",)  # the others run the whole job in every process they are started in
+
+
+def _refuse_launcher(command: str) -> None:
+    """Under deepspeed / torchrun every process runs the command: sft, eval or generate would each do the whole job
+    into the same output, the processes moving each other's results aside."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command not in MULTI_PROCESS_COMMANDS and world.isdigit() and int(world) > 1:
+        raise UserError(f"`tracerl {command}` runs in one process, but a launcher started {world} (WORLD_SIZE={world});"
+                        f" run it without deepspeed / torchrun (only `tracerl train` splits its work over processes)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -383,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _refuse_launcher(args.command)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"tracerl {args.command}: error: {exc}", file=sys.stderr)

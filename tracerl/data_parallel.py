@@ -6,7 +6,8 @@ identity of its single-process counterpart.
 Groups never straddle ranks (a rank generates whole groups), so group statistics stay local. The math itself
 (losses.token_weights' counts, credit's batch std and whitening) takes an all-reduce hook and lives in losses.py
 and credit.py; what is left here is bookkeeping around it:
-  metrics         means over ranks (equal completions per rank), sums for counts, the slowest rank's times
+  metrics         means over ranks (equal completions per rank), sums for counts (reward errors included), the
+                  slowest rank's times, and each reward function's mean / std over the gathered values
   forwards        every rank runs the same number of forward chunks (ZeRO communicates inside them)
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 SUMMED_METRICS = ("trajectory/rows_kept", "perf/rollout_tokens_per_second")
+SUMMED_PREFIXES = ("reward_errors/",)  # a count of failed samples: the job's is the sum
 SLOWEST_METRICS = ("perf/rollout_seconds", "perf/train_seconds", "perf/step_seconds")
 
 
@@ -30,6 +32,22 @@ def reward_stats(backend: Any, rewards: torch.Tensor) -> dict[str, float]:
     finite = _scored_rewards(backend, rewards)
     return {"reward": finite.mean().item() if finite.numel() else float("nan"),
             "reward_std": finite.std().item() if finite.numel() > 1 else 0.0}
+
+
+def per_function_stats(backend: Any, per_function: dict[str, list[float]]) -> dict[str, float]:
+    """rewards/<name>/mean and /std over every rank's values of each reward function (NaN = it gave none), as one
+    process with all the completions computes them (a mean of per-rank stds is not the std). {} on one process:
+    the reward set's own metrics are already that."""
+    if backend.world_size == 1:
+        return {}
+    out = {}
+    for name in per_function:
+        values = torch.tensor([v for part in backend.all_gather_object(per_function[name]) for v in part],
+                              dtype=torch.float64)
+        valid = values[torch.isfinite(values)]
+        out[f"rewards/{name}/mean"] = valid.mean().item() if valid.numel() else float("nan")
+        out[f"rewards/{name}/std"] = (valid.std().item() if valid.numel() > 1 else 0.0) if valid.numel() else float("nan")
+    return out
 
 
 def pad_to_largest(backend: Any, slices: list[slice], filler: slice | None = None) -> list[tuple[slice, bool]]:
@@ -57,6 +75,6 @@ def across_ranks(backend: Any, metrics: dict[str, float]) -> dict[str, float]:
     # key on some ranks and not others (averaged over the ranks that have it)
     for key in sorted({k for m in every for k in m}, key=lambda k: (k not in metrics, k)):
         values = [float(m[key]) for m in every if key in m]
-        out[key] = (sum(values) if key in SUMMED_METRICS else max(values) if key in SLOWEST_METRICS
-                    else sum(values) / len(values))
+        summed = key in SUMMED_METRICS or key.startswith(SUMMED_PREFIXES)
+        out[key] = sum(values) if summed else max(values) if key in SLOWEST_METRICS else sum(values) / len(values)
     return out

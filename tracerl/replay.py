@@ -314,7 +314,7 @@ def token_logprobs(
     scores LOGPROB_FLOOR. Only the columns some row scores go through the LM head: the vocabulary projection is
     the largest activation in the step, and most columns of a replay row are context.
     """
-    from tracerl.rollout.policies import sampling_logprobs
+    from tracerl.rollout.policies import convention_for, sampling_logprobs
 
     temperature = temperature if temperature > 0 else 1.0
     cols = batch.loss_mask.any(0).nonzero().flatten()  # [K]
@@ -322,7 +322,8 @@ def token_logprobs(
     if batch.published_logprob:  # d1 / coupled / wd1 as their code scores: full vocabulary, temperature 1
         logp_all = torch.log_softmax(logits.float(), dim=-1)
     else:
-        logp_all = sampling_logprobs(logits, model.mask_token_id, temperature, top_k, top_p)  # [R, K, V]
+        top_p_first = convention_for(model.block_size, model.spec.logit_shift).top_p_first  # as the sampler drew
+        logp_all = sampling_logprobs(logits, model.mask_token_id, temperature, top_k, top_p, top_p_first)  # [R, K, V]
     picked = logp_all.gather(-1, targets[:, cols, None].to(logits.device)).squeeze(-1)  # [R, K]
     picked = picked.clamp(min=LOGPROB_FLOOR)
     dev = picked.device

@@ -121,6 +121,12 @@ class RLTrainer:
             groups.append({"params": vm.trainable_parameters(), "lr": value_lr})
         self.policy = self.backend.prepare(modules, groups, spec, adamw)
         self.optimizer = self.policy.optimizer
+        if self.joint and o.max_grad_norm is not None:
+            warnings.warn(f"optimizer.max_grad_norm={o.max_grad_norm}: the LoRA value adapter shares the policy's "
+                          "DeepSpeed engine, whose clipping scales the policy and value gradients by their JOINT norm "
+                          "(and grad_norm logs that norm); one process clips each by its own. Set "
+                          "optimizer.max_grad_norm: null to train both unclipped",
+                          stacklevel=2)
         # the value lr stays constant (group 1 of the joint engine), as with its own optimizer
         self.scheduler = make_scheduler(self.optimizer, o.lr_scheduler_type, o.warmup_ratio,
                                         tr.max_steps * alg.num_iterations * tr.optimizer_steps_per_epoch,
@@ -268,7 +274,7 @@ class RLTrainer:
         learned = self.learn(batch.traj, batch.rewards, batch.process)  # credit -> replay -> update
         self._last_samples = sample_rows(batch, limit=4)
         traj, steps = batch.traj, batch.traj.steps_per_sequence().float()
-        return dp.across_ranks(self.backend, keep_reward_metrics(batch.metrics, {
+        metrics = keep_reward_metrics(batch.metrics, {
             **dp.reward_stats(self.backend, batch.rewards),
             **learned,
             "completions/mean_length": traj.completion_lengths().float().mean().item(),
@@ -280,7 +286,9 @@ class RLTrainer:
             "perf/step_seconds": time.perf_counter() - t0,
             "perf/rollout_tokens_per_second": traj.num_sequences * traj.response_length / max(t_rollout, 1e-9),
             "learning_rate": self.scheduler.get_last_lr()[0],
-        }))
+        })
+        metrics.update(dp.per_function_stats(self.backend, batch.per_function))  # (more than one process)
+        return dp.across_ranks(self.backend, metrics)
 
     def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
               ) -> dict[str, float]:
@@ -332,6 +340,11 @@ class RLTrainer:
         Process rewards (per own step, NaN = none), scaled by algorithm.process_reward_coef, add DeepSeekMath's
         group-normalised return-to-go to the group advantages, or sit on their steps in the GAE recursion."""
         alg = self.config.algorithm
+        # every rank takes the same path, since the process statistics all-reduce: a rank whose rewards gave no
+        # step rewards this time takes part with an all-NaN table (no reward on any step)
+        anywhere = self.all_reduce(torch.tensor([float(process is not None)], dtype=torch.float64)).item() > 0
+        if anywhere and process is None:
+            process = torch.full((traj.num_sequences, int(traj.unmask_step.max()) + 1), float("nan"))
         coef = alg.process_reward_coef if process is not None else 0.0
         trained, kept, in_band = self._trained_tokens(traj, rewards)  # [N, L] the action tokens the loss may score
         if self.value_model is None:

@@ -37,6 +37,17 @@ def distinct_chars(prompts, completions, **kwargs):
     return [len(set(c)) / 8 for c in completions]
 
 
+STEP_REWARD_PROMPTS: set[str] = set()  # filled by a scenario with one rank's prompts
+
+
+def step_rewards_for_some(prompts, completions, **kwargs):
+    """Per-step rewards for the prompts in STEP_REWARD_PROMPTS only, a plain float for the rest."""
+    from reward_models.protocol import ProcessReward
+
+    return [ProcessReward(outcome=len(set(c)) / 8, steps=[0.5, -0.25]) if p in STEP_REWARD_PROMPTS
+            else len(set(c)) / 8 for p, c in zip(prompts, completions)]
+
+
 def make_config(ds: str | None, out: Path, block: bool = False, per_device: int = 4, ga: int = 2,
                 **sections: dict[str, Any]) -> RLConfig:
     cfg = RLConfig(
@@ -140,16 +151,15 @@ def _flat(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in params])
 
 
-def equivalence(out: Path, ds: str, lora: bool = False, steps: int = 1, **sections: dict[str, Any]
-                ) -> dict[str, Any]:
+def equivalence(out: Path, ds: str, lora: bool = False, steps: int = 1, reward: Callable = distinct_chars,
+                **sections: dict[str, Any]) -> dict[str, Any]:
     """`steps` updates on 2 ranks (each its own completions) vs the same updates in one process on both ranks'
     completions: reduced gradients (before clipping), weights after the step, metrics."""
     backend = make_backend(DistributedConfig(deepspeed=ds))
-    trainer = RLTrainer(make_config(ds, out / "ds", **sections), tiny(lora=lora), distinct_chars, ROWS,
-                        backend=backend)
+    trainer = RLTrainer(make_config(ds, out / "ds", **sections), tiny(lora=lora), reward, ROWS, backend=backend)
     local = None
     if backend.is_main:  # the reference: one process, both ranks' completions
-        local = RLTrainer(make_config(None, out / "local", ga=4, **sections), tiny(lora=lora), distinct_chars, ROWS)
+        local = RLTrainer(make_config(None, out / "local", ga=4, **sections), tiny(lora=lora), reward, ROWS)
         init = _flat(_trained(local)[0])
     grads: list[torch.Tensor] = []
     local_grads: list[torch.Tensor] = []
@@ -189,6 +199,20 @@ def zero2_equivalence(out: Path) -> dict[str, Any]:
     """ZeRO-2, step-mean aggregation, scale_rewards=batch: global normalisers and the global reward std."""
     return equivalence(out, str(RECIPES / "zero2.json"),
                        algorithm={"loss_aggregation": "step-mean", "scale_rewards": "batch"})
+
+
+def step_rewards_on_one_rank(out: Path) -> dict[str, Any]:
+    """Per-step rewards for rank 0's prompts only, scale_rewards=batch: the process statistics all-reduce, so both
+    ranks must take that path (the other with no step rewards), as one process does with all the completions."""
+    first_draw = make_trainer_sampler(out).next(4)  # the global order every rank slices
+    STEP_REWARD_PROMPTS.update(ROWS[i]["prompt"] for i in first_draw[:2])  # rank 0's two prompts
+    return equivalence(out, str(RECIPES / "zero2.json"), reward=step_rewards_for_some,
+                       algorithm={"scale_rewards": "batch"})
+
+
+def make_trainer_sampler(out: Path) -> Any:
+    """The prompt sampler a run of make_config would draw from (local trainer; nothing is launched)."""
+    return RLTrainer(make_config(None, out / "probe"), tiny(), distinct_chars, ROWS).sampler
 
 
 def zero3_equivalence(out: Path) -> dict[str, Any]:
@@ -298,6 +322,7 @@ def plain_data_parallel(out: Path) -> dict[str, Any]:
 SCENARIOS = {f.__name__: f for f in (
     zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence,
     zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel, zero3_mini_batches,
+    step_rewards_on_one_rank,
 )}
 
 

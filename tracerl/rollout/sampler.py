@@ -24,7 +24,8 @@ from tracerl.rollout import published
 from tracerl.rollout.caching import ApproximateCache
 from tracerl.rollout.elastic import PUBLISHED_GAMMA, ElasticCache
 from tracerl.rollout.config import PUBLISHED_SAMPLERS, RolloutConfig, derive_seed
-from tracerl.rollout.policies import choose_commits, confidence, sample_tokens, sampling_logprobs, static_schedule
+from tracerl.rollout.policies import (choose_commits, confidence, convention_for, dream_counts, sample_tokens,
+                                      sampling_logprobs, static_schedule)
 from tracerl.rollout.trajectory import Trajectory
 
 
@@ -68,6 +69,7 @@ class _Sampler:
     def __init__(self, model: DiffusionLM, ids: torch.Tensor, pmask: torch.Tensor, cfg: RolloutConfig,
                  blocks: _Blocks, row_seeds: list[int] | None):
         self.model, self.cfg, self.blocks = model, cfg, blocks
+        self.convention = convention_for(model.block_size, model.spec.logit_shift)  # the family's published rules
         N, P = ids.shape
         L = cfg.max_completion_length
         dev = model.device
@@ -163,18 +165,26 @@ class _Sampler:
         if self.cfg.remasking in PUBLISHED_SAMPLERS:
             return self.denoise_block_on_grid(j, steps_per_block)
         lo, hi, size, valid, cols = self.block_view(j)
-        B = self.blocks.block
-        schedules = [static_schedule(int(n), steps_per_block) if n else [] for n in size.tolist()]
+        B, conv = self.blocks.block, self.convention
+        if conv.block_schedule:  # SDAR: the whole block's split, whatever part of it the response holds
+            schedules = [static_schedule(B, steps_per_block) if n else [] for n in size.tolist()]
+        else:
+            schedules = [static_schedule(int(n), steps_per_block) if n else [] for n in size.tolist()]
         i = 0
         while True:
             masked, active = self.still_masked(cols, valid)
             if not active.any():
                 break
-            logits = self.block_logits(j, lo, hi, active=active)
             k = None
-            if self.cfg.threshold is None:
+            if conv.dream_schedule and self.cfg.threshold is None:
+                k = dream_counts(masked.sum(1), i, steps_per_block)
+                if not (k[active] > 0).any():  # Dream's forward that commits nothing: skipped, its step still spent
+                    i += 1
+                    continue
+            elif self.cfg.threshold is None or conv.block_schedule:
                 # past the schedule (only when EOS padding changed the counts): commit everything left
                 k = torch.tensor([sch[i] if i < len(sch) else B for sch in schedules], device=lo.device)
+            logits = self.block_logits(j, lo, hi, active=active)
             self.commit(logits, masked, active, cols, size, k)
             i += 1
 
@@ -200,20 +210,27 @@ class _Sampler:
             noise[n, :c] = torch.rand(c, generator=self.row_generators[n], device=self.x.device)
         return noise
 
-    def draw(self, logprobs: torch.Tensor, active: torch.Tensor, size: torch.Tensor
+    def draw(self, logits: torch.Tensor, logprobs: torch.Tensor, active: torch.Tensor, size: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens [N, B], their log-probs [N, B] and the remasking confidence [N, B] of one step."""
-        tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy=self.cfg.temperature == 0)
-        if self.cfg.remasking == "random":
+        cfg = self.cfg
+        tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy=cfg.temperature == 0)
+        if cfg.remasking == "random":
             return tokens, token_lp, self.draw_uniform(active, size, tokens.shape)
-        return tokens, token_lp, confidence(self.cfg.remasking, logprobs, token_lp, None)
+        scored_lp = token_lp
+        drawn_at_1 = cfg.temperature in (0, 1) and cfg.top_k == 0 and cfg.top_p >= 1.0
+        if cfg.remasking == "low_confidence" and self.convention.raw_confidence and not drawn_at_1:
+            # LLaDA scores the choice under softmax(logits) at temperature 1, not the distribution it drew from
+            scored_lp = sampling_logprobs(logits, self.mask_id).gather(-1, tokens[..., None]).squeeze(-1)
+        return tokens, token_lp, confidence(cfg.remasking, logprobs, scored_lp, None)
 
     def commit(self, logits: torch.Tensor, masked: torch.Tensor, active: torch.Tensor, cols: torch.Tensor,
                size: torch.Tensor, k: torch.Tensor | None) -> None:
-        cfg = self.cfg
-        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)  # [N, B, V]
-        tokens, token_lp, conf = self.draw(logprobs, active, size)
-        pick = choose_commits(conf, masked, k, cfg.threshold)  # [N, B] bool, inside each row's block
+        cfg, conv = self.cfg, self.convention
+        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p,
+                                     conv.top_p_first)  # [N, B, V]
+        tokens, token_lp, conf = self.draw(logits, logprobs, active, size)
+        pick = choose_commits(conf, masked, k, cfg.threshold, conv.strict_threshold)  # [N, B], in each row's block
         self.write(pick, tokens, token_lp, cols, top1=logprobs.argmax(-1))
 
     def write(self, pick: torch.Tensor, tokens: torch.Tensor, token_lp: torch.Tensor, cols: torch.Tensor,
@@ -247,7 +264,8 @@ class _Sampler:
                 return
             fed = self.fed_noise(t)
             logits = self.block_logits(j, lo, hi, fed)  # [N, B, V]
-            logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)
+            logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p,
+                                         self.convention.top_p_first)
             tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy=cfg.temperature == 0)
             block_ids = self.x[:, self.P:].gather(1, cols)  # [N, B]
             p = published.unmask_probability(cfg.remasking, t, dt, self.noise_eps, logits, block_ids, self.mask_id,
@@ -265,7 +283,8 @@ class _Sampler:
         fed = self.fed_noise(published.GRID_EPS)
         logits = self.block_logits(j, lo, hi, fed)
         cfg = self.cfg
-        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p)
+        logprobs = sampling_logprobs(logits, self.mask_id, cfg.temperature, cfg.top_k, cfg.top_p,
+                                         self.convention.top_p_first)
         greedy = cfg.remasking == "mdlm_ancestral" or cfg.temperature == 0
         tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy)
         self.write(masked, tokens, token_lp, cols, fed, top1=logprobs.argmax(-1))

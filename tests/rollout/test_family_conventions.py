@@ -1,0 +1,109 @@
+"""Each family is rolled out by its own authors' rules where those differ for the same settings. References are
+written from the published code: LLaDA generate.py (confidence = softmax(logits)[x0] at temperature 1), Dream's
+generation_utils.py (top_p_logits before top_k_logits; int(masked * (1 - s/t)) tokens per step on
+linspace(1, 1e-3, steps + 1)), SDAR generate.py / dLLM-RL's JetEngine (counts split over the whole block_length,
+conf > threshold with the step's count as the floor), Fast-dLLM and dLLM-RL's LLaDA / Dream rollouts (conf >=
+threshold, at least one)."""
+
+import math
+
+import torch
+
+from tests.conftest import encode
+from tracerl.models import build_tiny_model
+from tracerl.models.base import DiffusionLM, FamilySpec
+from tracerl.rollout import RolloutConfig, generate
+from tracerl.rollout.policies import choose_commits, convention_for, dream_counts, sampling_logprobs
+
+
+def probs_of(values: list[float]) -> torch.Tensor:
+    """Logits [1, V + 1] whose softmax over the first V columns is `values`; the last column is [MASK] (excluded)."""
+    return torch.tensor([[math.log(v) for v in values] + [0.0]])
+
+
+def test_top_p_keeps_the_token_that_completes_the_mass_and_dream_filters_top_p_first():
+    mask = 4
+    # Dream's / SDAR's top_p_logits drop a token only when the mass before it EXCEEDS top_p: 0.75 keeps all three
+    kept = sampling_logprobs(probs_of([0.5, 0.25, 0.25]), mask_token_id=3, top_p=0.75).exp()[0, :3]
+    torch.testing.assert_close(kept, torch.tensor([0.5, 0.25, 0.25]))
+    logits = probs_of([0.4, 0.3, 0.2, 0.1])
+    # Dream: top-p 0.5 on the full distribution keeps {0.4, 0.3} (0.7 before 0.2), then top-k 2 keeps both
+    dream = sampling_logprobs(logits, mask, top_k=2, top_p=0.5, top_p_first=True).exp()[0, :4]
+    torch.testing.assert_close(dream, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0]))
+    # SDAR: top-k 2 first gives [4/7, 3/7]; then 4/7 > 0.5 lies before the second token, which goes
+    sdar = sampling_logprobs(logits, mask, top_k=2, top_p=0.5).exp()[0, :4]
+    torch.testing.assert_close(sdar, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_the_threshold_rule_of_each_family():
+    conf = torch.tensor([[0.9, 0.5, 0.3, 0.1]])
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    # Fast-dLLM / dLLM-RL: conf >= T commits; SDAR: conf > T
+    assert choose_commits(conf, masked, None, 0.9).tolist() == [[True, False, False, False]]
+    assert choose_commits(conf, masked, None, 0.9, strict=True).tolist() == [[True, False, False, False]]
+    assert choose_commits(conf, masked, None, 0.5).tolist() == [[True, True, False, False]]
+    assert choose_commits(conf, masked, None, 0.5, strict=True).tolist() == [[True, False, False, False]]
+    # nothing above T: LLaDA / Dream commit the best one, SDAR the step's scheduled count (here 2)
+    assert choose_commits(conf, masked, None, 0.95).tolist() == [[True, False, False, False]]
+    assert choose_commits(conf, masked, torch.tensor([2]), 0.95, strict=True).tolist() == [[True, True, False, False]]
+    assert [convention_for(4, 0).name, convention_for(None, 1).name, convention_for(None, 0).name] == [
+        "sdar", "dream", "llada"]
+
+
+def dream_reference(num_masked: int, steps: int) -> list[int]:
+    """Dream's _sample: the tokens committed at each step (0 included) of one block of `num_masked` masks."""
+    timesteps = torch.linspace(1, 1e-3, steps + 1)
+    counts = []
+    for i in range(steps):
+        t, s = timesteps[i], timesteps[i + 1]
+        n = int(num_masked * (1 - s / t)) if i < steps - 1 else num_masked
+        counts.append(n)
+        num_masked -= n
+    return counts
+
+
+def test_dream_commits_its_own_schedule():
+    assert dream_reference(16, 16)[:2] == [0, 1] and sum(dream_reference(16, 16)) == 16
+    remaining, got = 32, []
+    for i in range(16):
+        got.append(int(dream_counts(torch.tensor([remaining]), i, 16)))
+        remaining -= got[-1]
+    assert got == dream_reference(32, 16) and got != [2] * 16  # LLaDA's even split would be 2 per step
+    base = build_tiny_model("qwen2", seed=0)
+    model = DiffusionLM(base.backbone, base.tokenizer, FamilySpec("tracerl_tiny", base.mask_token_id, logit_shift=1))
+    for steps in (16, 6):
+        traj = generate(model, encode(model, ["hello"]), RolloutConfig(max_completion_length=16, steps=steps,
+                                                                        remasking="entropy", temperature=0.0))
+        committed = traj.unmask_step[0][traj.action_mask[0]]
+        counts = torch.bincount(committed, minlength=int(committed.max()) + 1).tolist()
+        assert not (traj.response_ids[0] == model.eos_token_id).any()  # (EOS padding would change the counts)
+        assert counts == [n for n in dream_reference(16, steps) if n]  # its zero-count forwards are skipped
+
+
+def test_llada_scores_its_choice_at_temperature_one():
+    """With top_k 1 the draw is the argmax at any temperature; LLaDA then ranks the positions by the temperature-1
+    probability of that argmax, exactly as greedy decoding does (the filtered distribution would tie them at 1)."""
+    model = build_tiny_model("llama", seed=0)
+    prompts = encode(model, ["hello", "abc"])
+    base = dict(max_completion_length=16, steps=16, block_length=8, seed=0)
+    greedy = generate(model, prompts, RolloutConfig(**base, temperature=0.0))
+    filtered = generate(model, prompts, RolloutConfig(**base, temperature=0.5, top_k=1))
+    assert torch.equal(filtered.unmask_step, greedy.unmask_step)
+    assert torch.equal(filtered.response_ids, greedy.response_ids)
+
+
+def test_sdar_splits_the_whole_block_in_the_first_block():
+    """A first block that shares the prompt's tail has fewer masks than block_length; SDAR's counts still split
+    block_length over the block's steps: with 3 steps per block of 4 ([2, 1, 1]) a 2-mask first block commits
+    both at its first step (its own split, [1, 1], would take two)."""
+    model = build_tiny_model("qwen3", block_size=4, seed=0)
+    prompt = encode(model, ["abcdef"])  # 6 tokens: the first response block holds 2 positions
+    cfg = dict(max_completion_length=8, steps=6, temperature=0.0)  # 2 response blocks' worth: 3 steps per block
+    traj = generate(model, prompt, RolloutConfig(**cfg))
+    assert traj.block_offset.tolist() == [2] and traj.unmask_step[0, :2].tolist() == [0, 0]
+    full_block = traj.unmask_step[0, 2:6]
+    assert sorted(torch.bincount(full_block - full_block.min()).tolist(), reverse=True) == [2, 1, 1]
+    # the dynamic threshold keeps the step's count as its floor: where nothing reaches 0.99 (a random tiny model),
+    # it commits exactly the static schedule; Fast-dLLM's "at least one" would spend a step per token
+    dyn = generate(model, prompt, RolloutConfig(**cfg, threshold=0.99))
+    assert torch.equal(dyn.unmask_step, traj.unmask_step)
