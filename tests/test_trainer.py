@@ -539,7 +539,7 @@ def test_state_sum_is_dllm_rl_block_diffusion_normaliser(tmp_path):
     So a token's weight is 1 / (L1 x the kept rounds of the kept groups), not 1 / (L1 x responses)."""
     cfg = make_config(tmp_path, True, algorithm={"loss_aggregation": "state-sum", "pass_rate_filter": [0.2, 0.8],
                                                  "trained_pad_tokens": 0},
-                      rollout={"threshold": 0.01})  # the dynamic threshold: a varying number of steps per block
+                      rollout={"threshold": 0.01, "steps": 16})  # dynamic: a varying number of steps per block
     trainer = RLTrainer(cfg, tiny(True), frac_target, ROWS)
     traj, rewards, train_step, replay = _scored_with(trainer, [1.0, 0, 0, 0, 1, 1, 1, 1])
     traj.response_ids[1, -5:] = trainer.model.pad_token_id  # row 1 ends in padding: not trained (post_num 0)
