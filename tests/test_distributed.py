@@ -228,6 +228,14 @@ def test_ds_config_conflicts_are_user_errors(tmp_path):
     (tmp_path / "stage7.json").write_text(json.dumps({"zero_optimization": {"stage": 7}}))
     with pytest.raises(UserError, match="zero_optimization.stage is 7; ZeRO has stages 0, 1, 2 and 3"):
         read_config(tmp_path / "stage7.json")
+    for zero, says in [({"stage": 2, "overlap_com": True}, "zero_optimization.overlap_com: Extra inputs"),
+                       ({"stage": 2, "reduce_bucket_size": "lots"}, "zero_optimization.reduce_bucket_size: Input "
+                                                                    "should be a valid integer")]:
+        (tmp_path / "typo.json").write_text(json.dumps({"zero_optimization": zero}))
+        with pytest.raises(UserError, match=says):
+            read_config(tmp_path / "typo.json")
+    for shipped in ("zero2.json", "zero3.json", "zero3_offload.json"):  # "auto" fields are left for later
+        read_config(ROOT / "recipes" / "deepspeed" / shipped)
     (tmp_path / "bad.json").write_text("{stage: 2")  # `tracerl validate` reads it as `train` would
     from tracerl.recipe import load_config
 

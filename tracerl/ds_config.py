@@ -1,4 +1,5 @@
-"""DeepSpeed JSON configs: read one, and fill its "auto" fields from the recipe (pure dict work, no deepspeed import).
+"""DeepSpeed JSON configs: read one, and fill its "auto" fields from the recipe (dict work; deepspeed is imported
+only to check the zero_optimization section against its own schema).
 
 TraceRL owns the training loop, so some DeepSpeed fields are not the user's to choose freely:
   gradient_accumulation_steps     always 1: the trainer accumulates over replay chunks itself and steps once per
@@ -63,7 +64,26 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise UserError(f"distributed.deepspeed: {file}: zero_optimization.stage is {stage!r}; ZeRO has stages 0, "
                         "1, 2 and 3")
+    _check_zero_section(zero, file)
     return config
+
+
+def _check_zero_section(zero: dict[str, Any], file: Path) -> None:
+    """DeepSpeed's own schema for zero_optimization (a misspelt key or a wrong type), checked now rather than when
+    the engine starts after the model has loaded; "auto" fields are filled later and skipped here."""
+    try:
+        import pydantic
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # (deepspeed is a dependency; without it the launcher could not start either)
+        return
+    given = {k: v for k, v in zero.items() if v != AUTO}
+    try:
+        DeepSpeedZeroConfig(**given)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"distributed.deepspeed: {file}: zero_optimization.{where}: {first['msg']} (DeepSpeed "
+                        f"{len(exc.errors())} problem(s) in this section)") from None
 
 
 def zero_stage(config: dict[str, Any]) -> int:
