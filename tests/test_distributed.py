@@ -119,6 +119,13 @@ def test_step_rewards_on_one_rank_only_train_as_one_process(launch):
 
 
 @pytest.mark.slow
+def test_a_reward_failing_on_one_rank_stops_every_rank_with_a_user_error(launch):
+    rank0, rank1 = scenario(launch, "reward_fails_on_one_rank")
+    assert rank1["raised"] == "RewardError" and "only fails on rank 1" in rank1["message"]
+    assert rank0["raised"] == "UserError" and "the rewards failed on 1 other rank(s)" in rank0["message"]
+
+
+@pytest.mark.slow
 def test_zero3_value_model_and_reference_equal_single_process(launch):
     """ZeRO-3 policy + a second engine for the full-copy value model (globally whitened GAE) + a partitioned
     frozen reference for the KL term."""

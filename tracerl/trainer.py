@@ -269,7 +269,7 @@ class RLTrainer:
         """One RL step: rollout -> score -> credit -> replay -> update; returns its metrics over all ranks (TRL's
         names where they exist)."""
         t0 = time.perf_counter()
-        batch = self.sample_and_score(*self._step_draw())  # rollout + rewards: tracerl/scoring.py
+        batch = self._scored_on_every_rank()  # rollout + rewards: tracerl/scoring.py
         t_rollout = time.perf_counter() - t0
         learned = self.learn(batch.traj, batch.rewards, batch.process)  # credit -> replay -> update
         self._last_samples = sample_rows(batch, limit=4)
@@ -289,6 +289,25 @@ class RLTrainer:
         })
         metrics.update(dp.per_function_stats(self.backend, batch.per_function))  # (more than one process)
         return dp.across_ranks(self.backend, metrics)
+
+    def _scored_on_every_rank(self) -> ScoredBatch:
+        """This rank's scored batch; when a reward fails on some rank (an error its run may not go past), every
+        rank stops here with exit code 2, instead of the others dying in their next collective with a traceback
+        about a closed connection (or, over NCCL, waiting for it)."""
+        from reward_models import RewardError
+
+        failure: Exception | None = None
+        try:
+            batch = self.sample_and_score(*self._step_draw())
+        except (RewardError, UserError) as exc:
+            failure = exc
+        failed = self.all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64)).item()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise UserError(f"step {self.step}: the rewards failed on {failed:.0f} other rank(s), whose error is "
+                            "printed above; every rank stops")
+        return batch
 
     def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
               ) -> dict[str, float]:

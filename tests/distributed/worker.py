@@ -210,6 +210,24 @@ def step_rewards_on_one_rank(out: Path) -> dict[str, Any]:
                        algorithm={"scale_rewards": "batch"})
 
 
+def fails_on_rank_1(prompts, completions, **kwargs):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("this reward only fails on rank 1")
+    return [0.5] * len(completions)
+
+
+def reward_fails_on_one_rank(out: Path) -> dict[str, Any]:
+    """A reward that raises on rank 1 only: both ranks must stop at the same point with a user error."""
+    backend = make_backend(DistributedConfig(deepspeed=str(RECIPES / "zero2.json")))
+    trainer = RLTrainer(make_config(str(RECIPES / "zero2.json"), out), tiny(), fails_on_rank_1, ROWS,
+                        backend=backend)
+    try:
+        trainer.train_step()
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None}
+
+
 def make_trainer_sampler(out: Path) -> Any:
     """The prompt sampler a run of make_config would draw from (local trainer; nothing is launched)."""
     return RLTrainer(make_config(None, out / "probe"), tiny(), distinct_chars, ROWS).sampler
@@ -322,7 +340,7 @@ def plain_data_parallel(out: Path) -> dict[str, Any]:
 SCENARIOS = {f.__name__: f for f in (
     zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence,
     zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel, zero3_mini_batches,
-    step_rewards_on_one_rank,
+    step_rewards_on_one_rank, reward_fails_on_one_rank,
 )}
 
 
