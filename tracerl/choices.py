@@ -12,6 +12,7 @@ Remasking = Literal["low_confidence", "top_margin", "entropy", "random", "mdlm_a
                     "sedd_analytic"]
 CacheMode = Literal["none", "prefix", "dual", "elastic"]
 DriftAxis = Literal["heads", "keys"]
+AfterEos = Literal["fill", "finish_block", "denoise"]
 LossType = Literal["ppo", "reinforce", "wd1"]
 KLKind = Literal["k1", "k2", "k3"]
 KLAgainst = Literal["reference", "old"]

@@ -107,3 +107,61 @@ def test_sdar_splits_the_whole_block_in_the_first_block():
     # it commits exactly the static schedule; Fast-dLLM's "at least one" would spend a step per token
     dyn = generate(model, prompt, RolloutConfig(**cfg, threshold=0.99))
     assert torch.equal(dyn.unmask_step, traj.unmask_step)
+
+
+def eos_prone(arch: str, block_size: int | None = None) -> DiffusionLM:
+    """A tiny model whose EOS row is scaled up, so greedy rollouts commit EOS mid-response."""
+    model = build_tiny_model(arch, block_size=block_size, seed=0)
+    with torch.no_grad():
+        model.backbone.lm_head.weight[model.eos_token_id] *= 6
+    return model
+
+
+@torch.no_grad()
+def llada_greedy(model: DiffusionLM, prompt: list[int], length: int, block: int) -> list[int]:
+    """LLaDA's generate.py, greedy, one token per step, semi-AR blocks; nothing special happens after an EOS."""
+    mask = model.mask_token_id
+    x = torch.tensor([prompt + [mask] * length])
+    P = len(prompt)
+    for b in range(length // block):
+        for _ in range(block):
+            logits = model.logits(x).float()
+            logits[..., mask] = float("-inf")  # (ours: [MASK] is never a choice)
+            p = logits.softmax(-1)
+            conf, x0 = p.max(-1)
+            eligible = torch.zeros_like(x, dtype=torch.bool)
+            eligible[:, P + b * block:P + (b + 1) * block] = True
+            conf = conf.masked_fill(~(eligible & (x == mask)), float("-inf"))
+            i = int(conf.argmax())
+            x[0, i] = x0[0, i]
+    return x[0, P:].tolist()
+
+
+def test_after_eos_denoise_is_llada_generate_and_fill_pads_without_forwards():
+    model = eos_prone("llama")
+    prompt = encode(model, ["hello"])
+    base = dict(max_completion_length=16, steps=16, block_length=8, temperature=0.0)
+    denoised = generate(model, prompt, RolloutConfig(**base, after_eos="denoise"))
+    assert denoised.action_mask.all() and denoised.num_forwards == 16
+    assert denoised.response_ids[0].tolist() == llada_greedy(model, prompt[0], 16, 8)
+    eos = model.eos_token_id
+    assert (denoised.response_ids[0] == eos).any()  # the case under test: an EOS mid-response
+    filled = generate(model, prompt, RolloutConfig(**base))  # after_eos: fill, the default
+    first = int((filled.response_ids[0] == eos).nonzero()[0])
+    pad = ~filled.action_mask[0]
+    assert pad.any() and (filled.response_ids[0][pad] == eos).all() and not pad[:first + 1].any()
+    assert filled.num_forwards < 16  # the padding took no forward
+
+
+def test_after_eos_finish_block_denoises_the_eos_block_then_pads():
+    """SDAR's generate / JetEngine stop after the block that holds the EOS."""
+    model = eos_prone("qwen3", block_size=4)
+    prompt = encode(model, ["abcdefgh"])  # 8 tokens: whole blocks of 4 from the response's first position
+    traj = generate(model, prompt, RolloutConfig(max_completion_length=16, steps=16, temperature=0.0,
+                                                 after_eos="finish_block"))
+    ids, acted = traj.response_ids[0], traj.action_mask[0]
+    first = int((ids == model.eos_token_id).nonzero()[0])
+    block_end = (first // 4 + 1) * 4
+    assert acted[:block_end].all() and not acted[block_end:].any() and block_end < 16
+    assert (ids[block_end:] == model.eos_token_id).all()
+    assert traj.unmask_step[0, block_end:].max() == traj.unmask_step[0, :block_end].max()  # at the last step

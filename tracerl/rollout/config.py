@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tracerl.choices import CacheMode, DriftAxis, Remasking, options
+from tracerl.choices import AfterEos, CacheMode, DriftAxis, Remasking, options
 from tracerl.errors import UserError
 
 REMASKING = options(Remasking)
 CACHES = options(CacheMode)
+AFTER_EOS = options(AfterEos)
 CACHEABLE_FAMILIES = ("llada", "Dream", "tracerl_tiny")  # native transformers Llama / Qwen2 backbones
 CONFIDENCE_POLICIES = REMASKING[:4]  # ("low_confidence", "top_margin", "entropy", "random")
 SEDD_SAMPLERS = ("sedd_euler", "sedd_analytic")  # read a SEDD model's score mass
@@ -59,6 +60,10 @@ class RolloutConfig:
     #   keeps a cosine similarity below it makes every later layer recompute every position (None = 0.9, published)
     cache_drift: DriftAxis | None = None  # elastic: heads (the authors' code: cosine across heads at each key) | keys (each
     #   head's attention distribution over the keys); None = heads
+    after_eos: AfterEos = "fill"  # the masked positions after a committed EOS. fill: EOS padding at once, no
+    #   forward spent on them (ours; the README's results). finish_block: the EOS's block is denoised by the model,
+    #   later blocks become padding (SDAR generate.py, JetEngine). denoise: every position is denoised by the model
+    #   (LLaDA, Dream, Fast-dLLM); what follows the first EOS is then sampled and trained like any other token
     seed: int | None = None  # None = the global torch RNG; else row n samples from its own generator (row seeds)
 
     def validate(self) -> None:
@@ -91,6 +96,8 @@ class RolloutConfig:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if self.after_eos not in AFTER_EOS:
+            raise UserError(f"after_eos={self.after_eos!r} is not one of {', '.join(AFTER_EOS)}")
         if self.cache not in CACHES:  # a typo must not silently run some approximate cache
             raise UserError(f"cache={self.cache!r} is not one of {', '.join(CACHES)}")
         for name in ("cache_horizon", "cache_refresh", "cache_window"):  # counts of positions / steps

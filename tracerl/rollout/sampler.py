@@ -248,7 +248,8 @@ class _Sampler:
         committed = pick.any(1)  # [N]; a published sampler's forward may unmask nothing in a row: no step then
         if noise_level is not None:
             self.noise_log.append((committed, self.row_step.clone(), noise_level))
-        self.pad_after_eos()
+        if self.cfg.after_eos == "fill":
+            self.pad_after_eos()
         self.row_step += committed.long()
 
     # ---- one block on the published samplers' time grid -----------------------------------------------------
@@ -307,21 +308,24 @@ class _Sampler:
             out[rows, step[rows]] = sigma[rows]
         return out
 
-    def pad_after_eos(self) -> None:
+    def pad_after_eos(self, at_step: torch.Tensor | None = None) -> None:
         """Once an EOS is committed, every still-masked position after it becomes EOS padding (not an action),
-        filled at the row's current step."""
+        filled at the row's current step (or `at_step` [N])."""
         resp = self.x[:, self.P:]
         is_eos = (resp == self.eos_id) & (self.unmask_step >= 0)
         after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         fill = after & (resp == self.mask_id)
         if fill.any():
             resp[fill] = self.eos_id
-            self.unmask_step[fill] = self.row_step[:, None].expand_as(fill)[fill]
+            step = self.row_step if at_step is None else at_step
+            self.unmask_step[fill] = step[:, None].expand_as(fill)[fill]
 
     # ---- the whole response -------------------------------------------------------------------------------
     def run(self, steps_per_block: int) -> None:
         for j in range(self.blocks.count):
             self.denoise_block(j, steps_per_block)
+            if self.cfg.after_eos == "finish_block":  # the EOS's block is done: what follows it is padding, filled
+                self.pad_after_eos(at_step=(self.row_step - 1).clamp(min=0))  # at the row's last step
             if not (self.x[:, self.P:] == self.mask_id).any():
                 break  # EOS padding filled the rest: no forward is spent on finished blocks
 
