@@ -187,9 +187,10 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
             raise UserError(f"{path} was written by {meta.get('world_size')} ranks; resume it with the same number "
                             f"(this run has {backend.world_size})")
         stage, ours = meta.get("zero_stage"), getattr(backend, "stage", None)
-        if stage is not None and ours is not None and int(stage) != int(ours):
+        # stages 1 and 2 share one optimizer and its shard files; stage 3 partitions the parameters as well
+        if stage is not None and ours is not None and (int(stage) == 3) != (int(ours) == 3):
             raise UserError(f"{path} was written under ZeRO stage {stage}, and this run's distributed.deepspeed config "
-                            f"is stage {ours}: DeepSpeed cannot load one stage's optimizer shards into another. "
+                            f"is stage {ours}: DeepSpeed cannot load stage 3's shards into stage 1/2 or back. "
                             "Resume with the same config (its model/ directory can start a new run as model.path)")
         engines = trainer.engines()
         if "value" in engines and not (path / "deepspeed/value").is_dir():

@@ -436,8 +436,7 @@ def test_rollout_runs_on_every_family(models, family):
     block = None if model.block_size else 4
     base = dict(max_completion_length=8, steps=8, block_length=block, temperature=0.0)
     traj = rollout.generate(model, prompts, rollout.RolloutConfig(**base))
-    # Dream's schedule for 4 masks in 4 steps is [0, 1, 1, 2]: its step that commits nothing spends no forward
-    assert traj.response_ids.shape == (2, 8) and traj.num_forwards >= (6 if family == "dream" else 8)
+    assert traj.response_ids.shape == (2, 8) and traj.num_forwards >= 8
     assert not (traj.response_ids == model.mask_token_id).any()
     assert (traj.unmask_step >= 0).all()
     if model.block_size:  # the KV-cached sampler reproduces the uncached one on the published layout too

@@ -77,7 +77,8 @@ def test_dream_commits_its_own_schedule():
         committed = traj.unmask_step[0][traj.action_mask[0]]
         counts = torch.bincount(committed, minlength=int(committed.max()) + 1).tolist()
         assert not (traj.response_ids[0] == model.eos_token_id).any()  # (EOS padding would change the counts)
-        assert counts == [n for n in dream_reference(16, steps) if n]  # its zero-count forwards are skipped
+        assert counts == [n for n in dream_reference(16, steps) if n]  # a step that commits nothing is no step
+        assert traj.num_forwards == steps  # ... but runs its forward, as Dream's loop does
 
 
 def test_llada_scores_its_choice_at_temperature_one():
@@ -165,3 +166,20 @@ def test_after_eos_finish_block_denoises_the_eos_block_then_pads():
     assert acted[:block_end].all() and not acted[block_end:].any() and block_end < 16
     assert (ids[block_end:] == model.eos_token_id).all()
     assert traj.unmask_step[0, block_end:].max() == traj.unmask_step[0, :block_end].max()  # at the last step
+
+
+def test_a_dream_row_with_nothing_to_commit_is_the_same_alone_and_in_a_batch():
+    """EOS padding can leave a row so few masks that Dream's count for a step is 0 while a batch-mate's is not: the
+    row must sit that step out (no draw from its seed, no cache state of its own) exactly as it does alone."""
+    base = eos_prone("qwen2")
+    model = DiffusionLM(base.backbone, base.tokenizer, FamilySpec("tracerl_tiny", base.mask_token_id, logit_shift=1))
+    prompts = encode(model, ["zebra", "hello", "what is 2+2", "xyz"])
+    for extra in (dict(temperature=1.0), dict(temperature=0.0, cache="dual", cache_refresh=3),
+                  dict(temperature=0.0, cache="elastic")):
+        cfg = RolloutConfig(max_completion_length=16, steps=16, block_length=16, **extra)
+        batch = generate(model, prompts, cfg, row_seeds=[11, 12, 13, 14])
+        for n, prompt in enumerate(prompts):
+            alone = generate(model, [prompt], cfg, row_seeds=[11 + n])
+            assert torch.equal(alone.response_ids[0], batch.response_ids[n]), (extra, n)
+            assert torch.equal(alone.unmask_step[0], batch.unmask_step[n]), (extra, n)
+            torch.testing.assert_close(alone.behaviour_logprob[0], batch.behaviour_logprob[n], atol=1e-5, rtol=0)

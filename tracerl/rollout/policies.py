@@ -29,7 +29,8 @@ class SamplerConvention:
         count (SDAR generate.py, JetEngine); else each block's own positions are split and the threshold commits
         at least one.
     dream_schedule: step i of a block commits int(masked x (1 - s/t)) on Dream's grid t, s = timesteps[i], [i+1],
-        everything left at its last step; else LLaDA's even split.
+        everything left at its last step (a step that commits nothing still runs its forward, as Dream's does);
+        else LLaDA's even split.
     """
 
     name: str

@@ -178,9 +178,10 @@ class _Sampler:
             k = None
             if conv.dream_schedule and self.cfg.threshold is None:
                 k = dream_counts(masked.sum(1), i, steps_per_block)
-                if not (k[active] > 0).any():  # Dream's forward that commits nothing: skipped, its step still spent
-                    i += 1
-                    continue
+                # a row whose count is 0 sits this step out (no draw, no cache state of its own moves), and the
+                # forward runs even when every row does, as in Dream's loop: a cache's refresh clock (cache_refresh)
+                # then ticks once per step alone and in any batch alike
+                active = active & (k > 0)
             elif self.cfg.threshold is None or conv.block_schedule:
                 # past the schedule (only when EOS padding changed the counts): commit everything left
                 k = torch.tensor([sch[i] if i < len(sch) else B for sch in schedules], device=lo.device)
