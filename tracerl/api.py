@@ -52,7 +52,7 @@ FIELDS: dict[str, str] = {
     "temperature": "rollout.temperature", "top_p": "rollout.top_p", "top_k": "rollout.top_k",
     "use_kv_cache": "rollout.use_kv_cache", "cache": "rollout.cache", "cache_horizon": "rollout.cache_horizon",
     "cache_refresh": "rollout.cache_refresh", "cache_window": "rollout.cache_window", "cache_gamma": "rollout.cache_gamma",
-    "cache_drift": "rollout.cache_drift",
+    "cache_drift": "rollout.cache_drift", "after_eos": "rollout.after_eos",
     # algorithm
     "estimator": "algorithm.estimator", "shrink": "algorithm.shrink", "p_mask_prompt": "algorithm.p_mask_prompt",
     "policy_loss": "algorithm.loss_type", "epsilon": "algorithm.epsilon", "epsilon_high": "algorithm.epsilon_high",
