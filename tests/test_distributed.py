@@ -126,6 +126,24 @@ def test_a_reward_failing_on_one_rank_stops_every_rank_with_a_user_error(launch)
 
 
 @pytest.mark.slow
+def test_eval_is_sharded_over_ranks_and_summarised_as_one_process(launch):
+    """Each rank decodes and scores its share of the held-out prompts (a paid reward runs once per sample), and
+    every rank logs the one-process summary; a reward failing on one rank during eval stops both."""
+    rank0, rank1 = scenario(launch, "sharded_eval")
+    prompts = ["abc", "xyz", "the", "foo", "bar"]
+    assert rank0["scored"] == [p for p in prompts[0::2] for _ in range(2)]  # 2 samples each
+    assert rank1["scored"] == [p for p in prompts[1::2] for _ in range(2)]
+    local = rank0["local"]
+    assert local["eval/samples"] == 10 and 0 < local["eval/accuracy"] < 1  # the threshold splits the samples
+    for summary in (rank0["eval"], rank1["eval"]):
+        for key in local:
+            if key != "eval/seconds":
+                assert summary[key] == pytest.approx(local[key], abs=1e-12), key
+    assert rank1["raised"] == "RewardError" and "only fails on rank 1" in rank1["message"]
+    assert rank0["raised"] == "UserError" and "evaluation at step 0: the rewards failed on 1 other" in rank0["message"]
+
+
+@pytest.mark.slow
 def test_zero3_value_model_and_reference_equal_single_process(launch):
     """ZeRO-3 policy + a second engine for the full-copy value model (globally whitened GAE) + a partitioned
     frozen reference for the KL term."""

@@ -22,7 +22,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +49,7 @@ from tracerl.update import (UpdateState, accumulate, fidelity, finish, has_dropo
 from tracerl.value import Critic, ValueModel
 
 REPLAY_STREAM = 0x5E9  # keeps the replay's random masks apart from the rollouts' seeds
+T = TypeVar("T")
 
 
 class RLTrainer:
@@ -251,13 +252,29 @@ class RLTrainer:
         return self.step == 0 if at_start else self.step % every == 0 or self.step == self.config.trainer.max_steps
 
     def evaluate_held_out(self) -> dict[str, float]:
-        """Held-out reward and accuracy of the current policy (greedy by default: config.eval), as eval/*."""
-        from tracerl.evaluate import evaluate
+        """Held-out reward and accuracy of the current policy (greedy by default: config.eval), as eval/*. Each
+        rank decodes and scores its share of the prompts (paid rewards run once per prompt); the summary is over
+        every rank's samples, the same as one process's."""
+        from tracerl.evaluate import evaluate, summarize
 
-        with self.backend.generation(self.policy):
-            summary, _ = evaluate(self.model, list(self.eval_rows), self.reward_fn, self.config,
-                                  trainer_state=dict(step=self.step, epoch=self.sampler.epoch,
-                                                     max_steps=self.config.trainer.max_steps))
+        state = dict(step=self.step, epoch=self.sampler.epoch, max_steps=self.config.trainer.max_steps)
+        shard = (self.backend.rank, self.backend.world_size)
+
+        def this_ranks_share() -> tuple[list[dict[str, Any]], float]:
+            with self.backend.generation(self.policy):
+                summary, records = evaluate(self.model, list(self.eval_rows), self.reward_fn, self.config,
+                                            trainer_state=state, shard=shard)
+            # what the summary reads (the token ids stay on their rank)
+            return [{k: r[k] for k in ("index", "reward", "rewards", "steps")} for r in records], summary["seconds"]
+
+        mine = self._on_every_rank(this_ranks_share, f"evaluation at step {self.step}")
+        if self.backend.world_size == 1:
+            records, seconds = mine
+        else:
+            parts = self.backend.all_gather_object(mine)
+            records = sorted((r for part, _ in parts for r in part), key=lambda r: r["index"])
+            seconds = max(s for _, s in parts)
+        summary = summarize(records, self.config.eval.success_threshold, seconds)
         return {f"eval/{k}": v for k, v in summary.items()}
 
     def _sample_table(self) -> tuple[list[str], list[list[Any]]]:
@@ -291,23 +308,27 @@ class RLTrainer:
         return dp.across_ranks(self.backend, metrics)
 
     def _scored_on_every_rank(self) -> ScoredBatch:
-        """This rank's scored batch; when a reward fails on some rank (an error its run may not go past), every
-        rank stops here with exit code 2, instead of the others dying in their next collective with a traceback
-        about a closed connection (or, over NCCL, waiting for it)."""
+        """This rank's scored batch."""
+        return self._on_every_rank(lambda: self.sample_and_score(*self._step_draw()), f"step {self.step}")
+
+    def _on_every_rank(self, work: Callable[[], T], what: str) -> T:
+        """work()'s result; when a reward fails on some rank (an error its run may not go past), every rank stops
+        here with exit code 2, instead of the others dying in their next collective with a traceback about a
+        closed connection (or, over NCCL, waiting for it)."""
         from reward_models import RewardError
 
         failure: Exception | None = None
         try:
-            batch = self.sample_and_score(*self._step_draw())
+            result = work()
         except (RewardError, UserError) as exc:
             failure = exc
         failed = self.all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64)).item()
         if failure is not None:
             raise failure
         if failed:
-            raise UserError(f"step {self.step}: the rewards failed on {failed:.0f} other rank(s), whose error is "
-                            "printed above; every rank stops")
-        return batch
+            raise UserError(f"{what}: the rewards failed on {failed:.0f} other rank(s), whose error is printed "
+                            "above; every rank stops")
+        return result
 
     def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
               ) -> dict[str, float]:

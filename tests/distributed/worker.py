@@ -228,6 +228,44 @@ def reward_fails_on_one_rank(out: Path) -> dict[str, Any]:
     return {"raised": None}
 
 
+SCORED_PROMPTS: list[str] = []  # every prompt the eval reward scored on this rank
+
+
+def counted_chars(prompts, completions, **kwargs):
+    SCORED_PROMPTS.extend(prompts)
+    return distinct_chars(prompts, completions)
+
+
+def eval_fails_on_rank_1(prompts, completions, **kwargs):
+    if os.environ.get("RANK") == "1" and kwargs["trainer_state"].global_step == 0:  # eval only, never training
+        raise ValueError("this reward only fails on rank 1")
+    return distinct_chars(prompts, completions)
+
+
+def sharded_eval(out: Path) -> dict[str, Any]:
+    """Held-out eval under ZeRO-3 (parameters gathered for generation): each rank scores its share of the prompts
+    once, and the summary equals one process's; then a reward failing on rank 1 only during eval stops both."""
+    ds = str(RECIPES / "zero3.json")
+    backend = make_backend(DistributedConfig(deepspeed=ds))
+    eval_rows = ROWS[:5]  # uneven: rank 0 takes 3, rank 1 takes 2
+    sections = {"eval": {"num_generations": 2, "temperature": 1.0, "success_threshold": 0.9}}
+    trainer = RLTrainer(make_config(ds, out / "ds", **sections), tiny(), counted_chars, ROWS, backend=backend,
+                        eval_rows=eval_rows)
+    result: dict[str, Any] = {"eval": trainer.evaluate_held_out(), "scored": list(SCORED_PROMPTS)}
+    if backend.is_main:
+        local = RLTrainer(make_config(None, out / "local", **sections), tiny(), counted_chars, ROWS,
+                          eval_rows=eval_rows)
+        result["local"] = local.evaluate_held_out()
+    failing = RLTrainer(make_config(ds, out / "fails", **sections), tiny(), eval_fails_on_rank_1, ROWS,
+                        backend=backend, eval_rows=eval_rows)
+    try:
+        failing.evaluate_held_out()
+        result["raised"] = None
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        result["raised"], result["message"] = type(exc).__name__, str(exc)
+    return result
+
+
 def make_trainer_sampler(out: Path) -> Any:
     """The prompt sampler a run of make_config would draw from (local trainer; nothing is launched)."""
     return RLTrainer(make_config(None, out / "probe"), tiny(), distinct_chars, ROWS).sampler
@@ -340,7 +378,7 @@ def plain_data_parallel(out: Path) -> dict[str, Any]:
 SCENARIOS = {f.__name__: f for f in (
     zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence,
     zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel, zero3_mini_batches,
-    step_rewards_on_one_rank, reward_fails_on_one_rank,
+    step_rewards_on_one_rank, reward_fails_on_one_rank, sharded_eval,
 )}
 
 

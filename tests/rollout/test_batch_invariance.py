@@ -85,6 +85,30 @@ def test_eval_scores_do_not_depend_on_eval_batch_size(models, kind):
     assert records[0] == records[1] == records[2]
 
 
+def test_eval_shards_together_are_the_one_process_eval(models):
+    # data-parallel eval: rank r of 3 takes rows r, r + 3, ... with their global seeds; the union is the
+    # one-process eval, sample for sample, and the summary over the union is the one-process summary
+    from tracerl.evaluate import summarize
+
+    model = models["full"]
+    rows = [{"prompt": p, "target": "a"} for p in PROMPTS * 2]
+
+    def reward(prompts, completions, **kw):
+        return [float(len(set(c))) for c in completions]
+
+    cfg = RLConfig(rollout=_config("full", False), trainer=TrainerConfig(seed=5),
+                   eval=EvalConfig(temperature=1.0, batch_size=2, num_generations=2, success_threshold=4.0))
+    whole, recs = evaluate(model, rows, reward, cfg)
+    shards = [evaluate(model, rows, reward, cfg, shard=(r, 3))[1] for r in range(3)]
+    assert [len(s) for s in shards] == [6, 6, 4]
+    assert {r["index"] for r in shards[1]} == {1, 4, 7}
+    union = sorted((r for s in shards for r in s), key=lambda r: r["index"])
+    key = lambda r: (r["index"], r["completion"], r["reward"], r["unmask_step"])  # noqa: E731
+    assert [key(r) for r in union] == [key(r) for r in recs]
+    pooled = summarize(union, 4.0, whole["seconds"])
+    assert pooled == whole and 0 < whole["accuracy"] < 1  # the threshold splits the samples: the test can fail
+
+
 def test_block_boundaries_count_from_the_first_real_token(models):
     # "xy" alone: own positions 0-1 are the prompt, 2-3 complete its first block; padded to 25 tokens in a batch,
     # its blocks must not move to the frame's multiples of 4
