@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Remasking = Literal["low_confidence", "top_margin", "entropy", "random", "mdlm_ancestral", "sedd_euler",
-                    "sedd_analytic"]
+Remasking = Literal["low_confidence", "top_margin", "entropy", "random", "mdlm_ancestral", "dream_origin",
+                    "sedd_euler", "sedd_analytic"]
 CacheMode = Literal["none", "prefix", "dual", "elastic"]
 DriftAxis = Literal["heads", "keys"]
 AfterEos = Literal["fill", "finish_block", "denoise"]

@@ -24,7 +24,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-AR block length (default: the model's "
                    "block_size, or the whole response)")
     p.add_argument("--remasking", default="low_confidence", help="low_confidence | top_margin | entropy | random | "
-                   "mdlm_ancestral | sedd_euler | sedd_analytic (the published samplers)")
+                   "mdlm_ancestral | dream_origin | sedd_euler | sedd_analytic (the published samplers)")
     p.add_argument("--threshold", type=float, default=None, help="dynamic unmasking: commit every token whose "
                    "confidence exceeds it (0 < threshold <= 1)")
     p.add_argument("--temperature", type=float, default=0.0)

@@ -7,6 +7,8 @@ threshold, at least one)."""
 
 import math
 
+import pytest
+
 import torch
 
 from tests.conftest import encode
@@ -79,6 +81,47 @@ def test_dream_commits_its_own_schedule():
         assert not (traj.response_ids[0] == model.eos_token_id).any()  # (EOS padding would change the counts)
         assert counts == [n for n in dream_reference(16, steps) if n]  # a step that commits nothing is no step
         assert traj.num_forwards == steps  # ... but runs its forward, as Dream's loop does
+
+
+def dream_origin_reference(steps: int) -> list[float]:
+    """Dream's _sample with alg="origin": p_transfer = 1 - s / t if i < steps - 1 else 1, each masked position
+    independently (torch.rand(...) < p_transfer), on timesteps = linspace(1, 1e-3, steps + 1)."""
+    timesteps = torch.linspace(1, 1e-3, steps + 1)
+    return [float(1 - timesteps[i + 1] / timesteps[i]) if i < steps - 1 else 1.0 for i in range(steps)]
+
+
+def test_dream_origin_unmasks_each_position_with_dreams_transfer_probability(monkeypatch):
+    """Each forward sees the state before its step: the share of the still-masked positions it unmasks must be
+    Binomial(remaining, p_i) with Dream's p_i, and the last step commits all that is left (no extra forward)."""
+    base = build_tiny_model("qwen2", seed=0)
+    model = DiffusionLM(base.backbone, base.tokenizer, FamilySpec("tracerl_tiny", base.mask_token_id, logit_shift=1))
+    real, eos, mask = model.logits, model.eos_token_id, model.mask_token_id
+    masked_seen: list[int] = []
+
+    def counting(input_ids, *args, **kwargs):  # EOS never (padding would end rows early)
+        masked_seen.append(int((input_ids == mask).sum()))
+        return real(input_ids, *args, **kwargs).index_fill(-1, torch.tensor([eos]), -1e4)
+
+    monkeypatch.setattr(model, "logits", counting)
+    rows, L, steps = 96, 16, 6
+    traj = generate(model, encode(model, ["hello"]) * rows, RolloutConfig(
+        max_completion_length=L, steps=steps, remasking="dream_origin", temperature=1.0, seed=1))
+    assert traj.action_mask.all() and (traj.unmask_step >= 0).all()
+    p = dream_origin_reference(steps)
+    assert p[0] == pytest.approx(0.1665, abs=1e-6) and p[-1] == 1.0  # t_1 = 1 - 0.999 / 6
+    seen = masked_seen + [0] * (steps + 1 - len(masked_seen))  # (all rows done before the grid's end)
+    assert len(masked_seen) <= steps and seen[0] == rows * L
+    for i in range(steps - 1):
+        n, committed = seen[i], seen[i] - seen[i + 1]
+        assert abs(committed - n * p[i]) <= 5 * math.sqrt(n * p[i] * (1 - p[i])) + 1e-9, (i, committed, n, p[i])
+    assert seen[steps - 1] > 0  # the last step had masks left, and committed all of them (checked above)
+    # a row's rollout depends only on its seed, not on the batch
+    seeds, prompts = [5, 6, 7], encode(model, ["hello", "ab", "xyz"])
+    cfg = RolloutConfig(max_completion_length=L, steps=steps, remasking="dream_origin", temperature=1.0)
+    batch = generate(model, prompts, cfg, row_seeds=seeds)
+    alone = generate(model, prompts[1:2], cfg, row_seeds=seeds[1:2])
+    assert torch.equal(alone.unmask_step[0], batch.unmask_step[1])
+    assert torch.equal(alone.response_ids[0], batch.response_ids[1])
 
 
 def test_llada_scores_its_choice_at_temperature_one():

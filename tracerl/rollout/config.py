@@ -14,7 +14,7 @@ AFTER_EOS = options(AfterEos)
 CACHEABLE_FAMILIES = ("llada", "Dream", "tracerl_tiny")  # native transformers Llama / Qwen2 backbones
 CONFIDENCE_POLICIES = REMASKING[:4]  # ("low_confidence", "top_margin", "entropy", "random")
 SEDD_SAMPLERS = ("sedd_euler", "sedd_analytic")  # read a SEDD model's score mass
-PUBLISHED_SAMPLERS = ("mdlm_ancestral", *SEDD_SAMPLERS)  # tracerl/rollout/published.py
+PUBLISHED_SAMPLERS = ("mdlm_ancestral", "dream_origin", *SEDD_SAMPLERS)  # tracerl/rollout/published.py
 _MASK64 = (1 << 64) - 1
 
 
@@ -39,7 +39,8 @@ class RolloutConfig:
     remasking: Remasking = "low_confidence"  # which masked positions to commit first: low_confidence | top_margin |
     #   entropy | random; or a published sampler that unmasks each position at random on its own time grid, steps /
     #   num_blocks grid steps per block (+ one final forward for what is left): mdlm_ancestral (any family),
-    #   sedd_euler | sedd_analytic (SEDD models: the probability reads the score mass)
+    #   dream_origin (Dream's `origin` alg, any family; its last step commits the rest), sedd_euler | sedd_analytic
+    #   (SEDD models: the probability reads the score mass)
     threshold: float | None = None  # dynamic policy (Fast-dLLM): commit every position whose confidence exceeds it
     #   (at least one per step); the static `steps` schedule is then ignored
     temperature: float = 1.0  # sampling temperature; 0 = greedy

@@ -5,8 +5,9 @@ Full-attention models (LLaDA, Dream) are sampled semi-autoregressively: the resp
 Block-diffusion models (SDAR/TraDo) are sampled block by block in their own attention blocks; with the KV cache,
 a committed block is encoded once (merged into the next block's first forward) and never recomputed.
 
-The published MDLM / SEDD samplers (`remasking` mdlm_ancestral, sedd_euler, sedd_analytic; published.py) walk each
-block on their own time grid: every masked position unmasks at random with the published probability, and a
+The published MDLM / Dream / SEDD samplers (`remasking` mdlm_ancestral, dream_origin, sedd_euler, sedd_analytic;
+published.py) walk
+each block on their own time grid: every masked position unmasks at random with the published probability, and a
 time-conditioned network is fed the grid's sigma(t_i), which the Trajectory records (`noise_level`).
 
 Batch invariance: a row's rollout depends only on its own prompt, the policy and its seed. Positions and blocks
@@ -255,12 +256,16 @@ class _Sampler:
 
     # ---- one block on the published samplers' time grid -----------------------------------------------------
     def denoise_block_on_grid(self, j: int, steps_per_block: int) -> None:
-        """MDLM ancestral / SEDD Euler or analytic over block j: grid steps t_i, then the final denoise."""
+        """MDLM ancestral / Dream origin / SEDD Euler or analytic over block j: grid steps t_i, then the final
+        denoise (never reached by Dream's, whose last step commits everything left)."""
         lo, hi, size, valid, cols = self.block_view(j)
-        times, dt = published.time_grid(steps_per_block)
         cfg = self.cfg
+        if cfg.remasking == "dream_origin":
+            times, dream_p = published.dream_grid(steps_per_block)
+        else:
+            (times, dt), dream_p = published.time_grid(steps_per_block), None
         scale_by_sigma = bool(getattr(self.model.config, "scale_by_sigma", False))  # SEDD's log-score convention
-        for t in times:
+        for i, t in enumerate(times):
             masked, active = self.still_masked(cols, valid)
             if not active.any():
                 return
@@ -270,8 +275,11 @@ class _Sampler:
                                          self.convention.top_p_first)
             tokens, token_lp = self.draw_tokens(logprobs, active, size, greedy=cfg.temperature == 0)
             block_ids = self.x[:, self.P:].gather(1, cols)  # [N, B]
-            p = published.unmask_probability(cfg.remasking, t, dt, self.noise_eps, logits, block_ids, self.mask_id,
-                                             scale_by_sigma)  # [N, B]
+            if dream_p is not None:
+                p = torch.full(block_ids.shape, dream_p[i], device=block_ids.device)
+            else:
+                p = published.unmask_probability(cfg.remasking, t, dt, self.noise_eps, logits, block_ids,
+                                                 self.mask_id, scale_by_sigma)  # [N, B]
             unmask = self.draw_uniform(active, size, p.shape) < p  # [N, B] Bernoulli(p), independent per position
             self.write(masked & unmask, tokens, token_lp, cols, fed, top1=logprobs.argmax(-1))
         masked, active = self.still_masked(cols, valid)
