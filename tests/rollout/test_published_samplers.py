@@ -253,6 +253,7 @@ REPLAY_CASES = [
     ("sedd", "sedd_analytic", {}), ("sedd", "mdlm_ancestral", {}),
     ("sedd", "sedd_euler", dict(temperature=0.7, top_k=20, top_p=0.9)),
     ("mdlm_tc", "mdlm_ancestral", dict(temperature=0.0)),
+    ("mdlm_tc", "dream_origin", {}), ("sedd", "dream_origin", dict(temperature=0.7, top_k=20, top_p=0.9)),
 ]
 
 

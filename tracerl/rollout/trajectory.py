@@ -39,7 +39,7 @@ class Trajectory:
     noise_level: torch.Tensor | None = None  # [N, S] float32, the sigma fed to the network at each of the row's own
     #   steps (S = num_steps; NaN: the row has no such step). None: no sigma was fed, and a time-conditioned model
     #   derived it from the state (tracerl.models.dit.derive_noise_level). Set by the published samplers
-    #   (mdlm_ancestral, sedd_*) on time-conditioned models: replay step s with noise_level[:, s].
+    #   (mdlm_ancestral, dream_origin, sedd_*) on time-conditioned models: replay step s with noise_level[:, s].
     behaviour_top1: torch.Tensor | None = None  # [N, L] int64, the sampling distribution's most likely token where
     #   each position was committed (its greedy choice): with an approximate cache, compared with the exact model's
 
