@@ -144,6 +144,12 @@ def test_eval_is_sharded_over_ranks_and_summarised_as_one_process(launch):
 
 
 @pytest.mark.slow
+def test_a_callback_stopping_on_one_rank_stops_every_rank(launch):
+    for rank in scenario(launch, "callback_stops_on_one_rank"):
+        assert rank == {"steps": 1, "global_step": 1, "checkpoints": ["checkpoint-1"]}
+
+
+@pytest.mark.slow
 def test_zero3_value_model_and_reference_equal_single_process(launch):
     """ZeRO-3 policy + a second engine for the full-copy value model (globally whitened GAE) + a partitioned
     frozen reference for the KL term."""

@@ -221,13 +221,17 @@ class TraceRLTrainer:
     "module:function" / "file.py:function" specs or reward-model directories; weighted by args.reward_weights.
     train_dataset / eval_dataset: datasets.Dataset or a list of dicts with a "prompt" column (a string or chat
     messages); every other column reaches the reward functions. peft_config: a peft.LoraConfig.
-    processing_class: a tokenizer to use instead of the checkpoint's. Under the `deepspeed` launcher the ranks
+    processing_class: a tokenizer to use instead of the checkpoint's. callbacks: transformers TrainerCallback
+    instances or classes, called as a transformers Trainer calls them, one RL step per global_step
+    (tracerl/callbacks.py: the events, and the control flags acted on). Under the `deepspeed` launcher the ranks
     come from the environment (LOCAL_RANK) and args.deepspeed names the DeepSpeed JSON config.
     """
 
     def __init__(self, model: Any, reward_funcs: Any, args: Any = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, peft_config: Any = None, processing_class: Any = None):
+                 eval_dataset: Any = None, peft_config: Any = None, processing_class: Any = None,
+                 callbacks: Any = None):
         from tracerl.build import make_backend
+        from tracerl.callbacks import Callbacks
         from tracerl.trainer import RLTrainer
 
         self.args = args if args is not None else TraceRLConfig()
@@ -245,6 +249,7 @@ class TraceRLTrainer:
         rows = _rows(train_dataset, "train_dataset")
         eval_rows = _rows(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         rewards = _reward_set(reward_funcs, self.args, config)
+        hooks = Callbacks(callbacks, self.args)  # checked before the model loads; `args` is this config, as in TRL
         from tracerl.build import check_reward_columns
 
         check_reward_columns(rewards, rows, "train_dataset")  # before the model loads
@@ -256,7 +261,22 @@ class TraceRLTrainer:
         if processing_class is not None:
             self.model.tokenizer = processing_class
         self.config = config
-        self.trainer = RLTrainer(config, self.model, rewards, rows, backend=backend, eval_rows=eval_rows)
+        self.trainer = RLTrainer(config, self.model, rewards, rows, backend=backend, eval_rows=eval_rows,
+                                 callbacks=hooks)
+
+    @property
+    def state(self) -> Any:
+        """transformers' TrainerState: global_step (RL steps done), max_steps, epoch, log_history."""
+        return self.trainer.callbacks.state
+
+    def add_callback(self, callback: Any) -> None:
+        self.trainer.callbacks.add(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        return self.trainer.callbacks.pop(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.trainer.callbacks.pop(callback)
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, float]]:
         """Run `max_steps` RL steps; resume_from_checkpoint: a checkpoint directory, or True for the latest one in

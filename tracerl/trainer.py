@@ -18,6 +18,7 @@ ZeRO communicates inside them.
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from transformers import set_seed
 
 from tracerl import credit, losses
 from tracerl import data_parallel as dp
+from tracerl.callbacks import Callbacks
 from tracerl.config import RLConfig, TrainerConfig
 from tracerl.data import PromptSampler, uniform_columns
 from tracerl.distributed import Backend, LocalBackend
@@ -61,6 +63,7 @@ class RLTrainer:
         train_rows: Sequence[dict[str, Any]],
         backend: Backend | None = None,
         eval_rows: Sequence[dict[str, Any]] | None = None,
+        callbacks: Sequence[Any] | Callbacks | None = None,
     ):
         config = replace(config, algorithm=resolve_estimator(config.algorithm))  # unset estimator settings filled
         self.config, self.model, self.reward_fn = config, model, as_reward_set(reward_fn)
@@ -95,6 +98,14 @@ class RLTrainer:
         self._prepare_trainables(spec)
         self.sampler = PromptSampler(len(train_rows), seed=tr.seed)
         self.step = 0
+        # transformers TrainerCallbacks (tracerl/callbacks.py), given as a list (their `args`: this config) or as
+        # a Callbacks (the API's, whose args are its TraceRLConfig)
+        self.callbacks = callbacks if isinstance(callbacks, Callbacks) else Callbacks(callbacks, config)
+        self.callbacks.state.is_world_process_zero = self.backend.is_main
+        self.callbacks.state.is_local_process_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        self.callbacks.context = dict(model=model, processing_class=model.tokenizer, optimizer=self.optimizer,
+                                      lr_scheduler=self.scheduler)
+        self.callbacks.event("on_init_end")
 
     def all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the identity on one process): the hook every batch-wide statistic in
@@ -211,7 +222,7 @@ class RLTrainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        from tracerl.checkpoint import already_finished, resume_if_asked, save_checkpoint, set_aside_previous_run
+        from tracerl.checkpoint import already_finished, resume_if_asked, set_aside_previous_run
 
         tr, log = self.config.trainer, self.config.logging
         resume_if_asked(self)
@@ -224,26 +235,54 @@ class RLTrainer:
         bar = tqdm(total=tr.max_steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
                    disable=not self.backend.is_main)
         history = []
+        hooks, state = self.callbacks, self.callbacks.state
+        state.max_steps, state.logging_steps = tr.max_steps, tr.logging_steps
+        state.eval_steps, state.save_steps = tr.eval_steps, tr.save_steps
+        state.global_step, state.epoch = self.step, float(self.sampler.epoch)
         try:
+            hooks.event("on_train_begin")
             if self._eval_due(at_start=True):
-                logger.log(self.step, self.evaluate_held_out())
+                logger.log(self.step, self._evaluate_with_callbacks())
             while self.step < tr.max_steps:
+                hooks.event("on_step_begin")
                 metrics = self.train_step()
-                if self._eval_due():
-                    metrics.update(self.evaluate_held_out())
+                state.global_step, state.epoch = self.step, float(self.sampler.epoch)
+                hooks.event("on_step_end")
+                hooks.agree(self.all_reduce)  # a flag a callback set on any rank holds on every rank
+                if self._eval_due() or (hooks.take("should_evaluate") and self.eval_rows):
+                    metrics.update(self._evaluate_with_callbacks())
                 history.append(metrics)
                 logger.log(self.step, metrics)
+                state.log_history.append({**metrics, "step": self.step})
+                hooks.event("on_log", logs=metrics)
                 if self.step % max(tr.logging_steps, 1) == 0:
                     logger.log_table("completions", *self._sample_table(), step=self.step)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", step_s=f"{metrics['perf/step_seconds']:.1f}")
-                if tr.save_steps and self.step % tr.save_steps == 0 and self.step < tr.max_steps:
-                    save_checkpoint(self)
-            save_checkpoint(self)
+                hooks.agree(self.all_reduce)  # (on_evaluate / on_log may have set flags too)
+                stop = hooks.control.should_training_stop
+                due = tr.save_steps and self.step % tr.save_steps == 0
+                if (hooks.take("should_save") or due) and self.step < tr.max_steps and not stop:
+                    self._save_with_callbacks()
+                if stop:
+                    break
+            self._save_with_callbacks()
+            hooks.event("on_train_end")
         finally:
             bar.close()
             logger.finish()
         return history
+
+    def _evaluate_with_callbacks(self) -> dict[str, float]:
+        metrics = self.evaluate_held_out()
+        self.callbacks.event("on_evaluate", metrics=metrics)
+        return metrics
+
+    def _save_with_callbacks(self) -> None:
+        from tracerl.checkpoint import save_checkpoint
+
+        save_checkpoint(self)
+        self.callbacks.event("on_save")
 
     def _eval_due(self, at_start: bool = False) -> bool:
         every = self.config.trainer.eval_steps

@@ -266,6 +266,24 @@ def sharded_eval(out: Path) -> dict[str, Any]:
     return result
 
 
+def callback_stops_on_one_rank(out: Path) -> dict[str, Any]:
+    """A TrainerCallback asks to stop on rank 1 only: both ranks stop after that step and save it together."""
+    from transformers import TrainerCallback
+
+    class StopOnRank1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if os.environ.get("RANK") == "1" and state.global_step == 1:
+                control.should_training_stop = True
+
+    ds = str(RECIPES / "zero2.json")
+    cfg = make_config(ds, out, trainer={"max_steps": 3, "save_steps": 0})
+    trainer = RLTrainer(cfg, tiny(), distinct_chars, ROWS, backend=make_backend(DistributedConfig(deepspeed=ds)),
+                        callbacks=[StopOnRank1()])
+    history = trainer.train()
+    return {"steps": len(history), "global_step": trainer.callbacks.state.global_step,
+            "checkpoints": sorted(p.name for p in out.glob("checkpoint-*"))}
+
+
 def make_trainer_sampler(out: Path) -> Any:
     """The prompt sampler a run of make_config would draw from (local trainer; nothing is launched)."""
     return RLTrainer(make_config(None, out / "probe"), tiny(), distinct_chars, ROWS).sampler
@@ -378,7 +396,7 @@ def plain_data_parallel(out: Path) -> dict[str, Any]:
 SCENARIOS = {f.__name__: f for f in (
     zero2_equivalence, zero3_equivalence, zero2_lora_equivalence, zero3_lora_equivalence,
     zero2, zero2_lora, zero3_resume, zero3_lora, zero3_offload, plain_data_parallel, zero3_mini_batches,
-    step_rewards_on_one_rank, reward_fails_on_one_rank, sharded_eval,
+    step_rewards_on_one_rank, reward_fails_on_one_rank, sharded_eval, callback_stops_on_one_rank,
 )}
 
 
