@@ -55,15 +55,16 @@ def test_events_arrive_in_transformers_order_with_its_arguments(tmp_path):
     history = trainer.train()
     step = [("on_step_begin", 0), ("on_step_end", 1), ("on_log", 1),
             ("on_step_begin", 1), ("on_step_end", 2), ("on_evaluate", 2), ("on_log", 2)]
-    assert rec.events == [("on_init_end", 0), ("on_train_begin", 0), ("on_evaluate", 0), *step, ("on_save", 2),
-                          ("on_train_end", 2)]
+    assert rec.events == [("on_init_end", 0), ("on_train_begin", 0), ("on_evaluate", 0), ("on_log", 0), *step,
+                          ("on_save", 2), ("on_train_end", 2)]
     assert rec.seen["args"] is cfg and rec.seen["model"] is trainer.model
     assert rec.seen["optimizer"] is trainer.trainer.optimizer and rec.seen["lr_scheduler"] is not None
     assert rec.seen["processing_class"] is trainer.model.tokenizer
     assert rec.seen["logs"] == history[-1] and "eval/accuracy" in rec.seen["metrics"]
     assert trainer.state.global_step == 2 and trainer.state.max_steps == 2
-    assert [h["step"] for h in trainer.state.log_history] == [1, 2]
-    assert trainer.state.log_history[0]["reward"] == history[0]["reward"]
+    assert [h["step"] for h in trainer.state.log_history] == [0, 1, 2]  # the eval at start, then each step
+    assert trainer.state.log_history[1]["reward"] == history[0]["reward"]
+    assert trainer.state.epoch == 1.0  # 2 prompts per step over 4 rows
 
 
 class StopAt(TrainerCallback):
@@ -82,13 +83,33 @@ class SaveAndEvaluateAt(TrainerCallback):
             control.should_evaluate = True
 
 
-def test_should_training_stop_ends_the_run_with_its_checkpoint(tmp_path):
-    trainer = TraceRLTrainer(model=build_tiny_model("llama", seed=0), reward_funcs=distinct, args=args(tmp_path),
-                             train_dataset=ROWS, callbacks=[StopAt(2)])
+def test_should_training_stop_ends_the_run_with_its_checkpoint_and_a_resume_trains_on(tmp_path):
+    trainer = TraceRLTrainer(model=build_tiny_model("llama", seed=0), reward_funcs=distinct,
+                             args=args(tmp_path, max_steps=4), train_dataset=ROWS, callbacks=[StopAt(1)])
     history = trainer.train()
-    assert len(history) == 2 and trained_steps(tmp_path) == [2]
-    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["step"] == 2
+    assert len(history) == 1 and trained_steps(tmp_path) == [1] and trainer.state.epoch == 0.5  # fractional
+    state = json.loads((tmp_path / "run" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["step"] == 1
+    # the same trainer resumed: a new run's control (transformers resets should_training_stop), trains to the end
+    assert len(trainer.train(resume_from_checkpoint=True)) == 3 and trainer.state.global_step == 4
+    # a new process resuming gets the TrainerState's log_history back from the checkpoint
+    again = TraceRLTrainer(model=build_tiny_model("llama", seed=0), reward_funcs=distinct,
+                           args=args(tmp_path, max_steps=5), train_dataset=ROWS)
+    again.train(resume_from_checkpoint=True)
+    assert [h["step"] for h in again.state.log_history] == [1, 2, 3, 4, 5]  # the whole run, as transformers keeps it
+
+
+class EvaluateAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_evaluate = state.global_step == 2
+
+
+def test_should_evaluate_at_a_step_that_evaluates_anyway_evaluates_once(tmp_path):
+    trainer = TraceRLTrainer(model=build_tiny_model("llama", seed=0), reward_funcs=distinct,
+                             args=args(tmp_path, max_steps=4, eval_steps=2), train_dataset=ROWS,
+                             eval_dataset=ROWS[:2], callbacks=[EvaluateAt()])
+    history = trainer.train()
+    assert ["eval/accuracy" in h for h in history] == [False, True, False, True]
 
 
 def test_should_save_and_should_evaluate_act_once(tmp_path):

@@ -144,9 +144,13 @@ def test_eval_is_sharded_over_ranks_and_summarised_as_one_process(launch):
 
 
 @pytest.mark.slow
-def test_a_callback_stopping_on_one_rank_stops_every_rank(launch):
-    for rank in scenario(launch, "callback_stops_on_one_rank"):
-        assert rank == {"steps": 1, "global_step": 1, "checkpoints": ["checkpoint-1"]}
+def test_a_callback_stopping_or_failing_on_one_rank_stops_every_rank(launch):
+    rank0, rank1 = scenario(launch, "callback_stops_on_one_rank")
+    for rank in (rank0, rank1):
+        assert {k: rank[k] for k in ("steps", "global_step", "checkpoints")} == {
+            "steps": 1, "global_step": 1, "checkpoints": ["checkpoint-1"]}
+    assert rank0["raised"] == "UserError" and "LogFailsOnRank0.on_log at step 1 raised RuntimeError" in rank0["message"]
+    assert rank1["raised"] == "UserError" and "on_log at step 1 failed on 1 other rank(s)" in rank1["message"]
 
 
 @pytest.mark.slow

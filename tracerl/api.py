@@ -292,7 +292,9 @@ class TraceRLTrainer:
         """Held-out reward and accuracy on eval_dataset (greedy unless eval_temperature is set)."""
         if not self.trainer.eval_rows:
             raise UserError("TraceRLTrainer.evaluate: no eval_dataset was given")
-        return self.trainer.evaluate_held_out()
+        metrics = self.trainer.evaluate_held_out()
+        self.trainer.callbacks.event("on_evaluate", metrics=metrics)
+        return metrics
 
     def save_model(self, output_dir: str | None = None) -> None:
         """The policy (or its LoRA adapter) in Hugging Face layout."""

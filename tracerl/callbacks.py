@@ -41,6 +41,15 @@ class Callbacks:
         self.state = TrainerState()
         self.control = TrainerControl()
         self.context: dict[str, Any] = {}
+        # a sum over the data-parallel ranks (the trainer's); the identity on one process
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+    def new_run(self) -> None:
+        """A fresh TrainerState (keeping which process this is) and TrainerControl: each train() starts with them,
+        as in transformers, so a run stopped by a callback and resumed in the same process trains on."""
+        self.state = TrainerState(is_world_process_zero=self.state.is_world_process_zero,
+                                  is_local_process_zero=self.state.is_local_process_zero)
+        self.control = TrainerControl()
 
     def add(self, callback: Any) -> None:
         """A TrainerCallback instance, or its class (instantiated without arguments, as transformers does)."""
@@ -62,17 +71,29 @@ class Callbacks:
 
     def event(self, name: str, **kwargs: Any) -> TrainerControl:
         """Call `name` on every callback in order; a callback returning a TrainerControl replaces it (transformers'
-        CallbackHandler). A callback that raises stops the run naming it (exit code 2)."""
+        CallbackHandler, which also clears the one-shot flags at each step's start). A callback that raises stops
+        the run naming it (exit code 2), on every rank at once: every rank calls every event at the same point, so
+        the failure is summed over the ranks after each event (the others would otherwise wait in their next
+        collective)."""
+        if name == "on_step_begin":
+            self.control.should_save = self.control.should_evaluate = self.control.should_log = False
+        failure: UserError | None = None
         for cb in self.callbacks:
             try:
                 result = getattr(cb, name)(self.args, self.state, self.control, **self.context, **kwargs)
-            except UserError:
-                raise
             except Exception as exc:  # noqa: BLE001 - user code: reported naming the callback and event
-                raise UserError(f"callback {type(cb).__name__}.{name} at step {self.state.global_step} raised "
-                                f"{type(exc).__name__}: {exc}") from exc
+                failure = UserError(f"callback {type(cb).__name__}.{name} at step {self.state.global_step} raised "
+                                    f"{type(exc).__name__}: {exc}")
+                failure.__cause__ = exc
+                break
             if result is not None:
                 self.control = result
+        failed = self.all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64)).item()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise UserError(f"callback {name} at step {self.state.global_step} failed on {failed:.0f} other "
+                            "rank(s), whose error is printed above; every rank stops")
         return self.control
 
     def agree(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:

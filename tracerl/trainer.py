@@ -101,6 +101,7 @@ class RLTrainer:
         # transformers TrainerCallbacks (tracerl/callbacks.py), given as a list (their `args`: this config) or as
         # a Callbacks (the API's, whose args are its TraceRLConfig)
         self.callbacks = callbacks if isinstance(callbacks, Callbacks) else Callbacks(callbacks, config)
+        self.callbacks.all_reduce = self.all_reduce  # a callback failing on one rank stops every rank
         self.callbacks.state.is_world_process_zero = self.backend.is_main
         self.callbacks.state.is_local_process_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0
         self.callbacks.context = dict(model=model, processing_class=model.tokenizer, optimizer=self.optimizer,
@@ -176,7 +177,8 @@ class RLTrainer:
         from tracerl.checkpoint import rng_state
 
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "schedule": self._schedule_shape(), "rng": rng_state()}
+                 "schedule": self._schedule_shape(), "rng": rng_state(),
+                 "log_history": list(self.callbacks.state.log_history)}  # (TrainerState's, for callbacks)
         if not self.backend.engine_checkpoints:
             state["optimizer"] = self.optimizer.state_dict()
             if self.critic is not None:
@@ -198,6 +200,7 @@ class RLTrainer:
                             "settings that wrote it")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        self.callbacks.state.log_history = list(state.get("log_history", []))
         if not self.backend.engine_checkpoints:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.critic is not None:
@@ -225,6 +228,7 @@ class RLTrainer:
         from tracerl.checkpoint import already_finished, resume_if_asked, set_aside_previous_run
 
         tr, log = self.config.trainer, self.config.logging
+        self.callbacks.new_run()  # a fresh TrainerState and control, as every transformers train() starts with
         resume_if_asked(self)
         if already_finished(self):
             return []
@@ -238,23 +242,25 @@ class RLTrainer:
         hooks, state = self.callbacks, self.callbacks.state
         state.max_steps, state.logging_steps = tr.max_steps, tr.logging_steps
         state.eval_steps, state.save_steps = tr.eval_steps, tr.save_steps
-        state.global_step, state.epoch = self.step, float(self.sampler.epoch)
+        state.global_step, state.epoch = self.step, self._epoch_progress()
         try:
             hooks.event("on_train_begin")
             if self._eval_due(at_start=True):
-                logger.log(self.step, self._evaluate_with_callbacks())
+                metrics = self._evaluate_with_callbacks()
+                logger.log(self.step, metrics)
+                self._log_with_callbacks(metrics)
             while self.step < tr.max_steps:
                 hooks.event("on_step_begin")
                 metrics = self.train_step()
-                state.global_step, state.epoch = self.step, float(self.sampler.epoch)
+                state.global_step, state.epoch = self.step, self._epoch_progress()
                 hooks.event("on_step_end")
                 hooks.agree(self.all_reduce)  # a flag a callback set on any rank holds on every rank
-                if self._eval_due() or (hooks.take("should_evaluate") and self.eval_rows):
+                asked = hooks.take("should_evaluate")
+                if self._eval_due() or (asked and self.eval_rows):
                     metrics.update(self._evaluate_with_callbacks())
                 history.append(metrics)
                 logger.log(self.step, metrics)
-                state.log_history.append({**metrics, "step": self.step})
-                hooks.event("on_log", logs=metrics)
+                self._log_with_callbacks(metrics)
                 if self.step % max(tr.logging_steps, 1) == 0:
                     logger.log_table("completions", *self._sample_table(), step=self.step)
                 bar.update(1)
@@ -277,6 +283,14 @@ class RLTrainer:
         metrics = self.evaluate_held_out()
         self.callbacks.event("on_evaluate", metrics=metrics)
         return metrics
+
+    def _log_with_callbacks(self, metrics: dict[str, float]) -> None:
+        self.callbacks.state.log_history.append({**metrics, "step": self.step})
+        self.callbacks.event("on_log", logs=metrics)
+
+    def _epoch_progress(self) -> float:
+        """Passes over the training prompts so far, fractional (TrainerState.epoch)."""
+        return self.sampler.epoch + self.sampler.cursor / max(self.sampler.num_rows, 1)
 
     def _save_with_callbacks(self) -> None:
         from tracerl.checkpoint import save_checkpoint

@@ -267,7 +267,8 @@ def sharded_eval(out: Path) -> dict[str, Any]:
 
 
 def callback_stops_on_one_rank(out: Path) -> dict[str, Any]:
-    """A TrainerCallback asks to stop on rank 1 only: both ranks stop after that step and save it together."""
+    """A TrainerCallback asks to stop on rank 1 only: both ranks stop after that step and save it together. Then a
+    callback raising on rank 0 only: both ranks stop with a user error at that event."""
     from transformers import TrainerCallback
 
     class StopOnRank1(TrainerCallback):
@@ -280,8 +281,23 @@ def callback_stops_on_one_rank(out: Path) -> dict[str, Any]:
     trainer = RLTrainer(cfg, tiny(), distinct_chars, ROWS, backend=make_backend(DistributedConfig(deepspeed=ds)),
                         callbacks=[StopOnRank1()])
     history = trainer.train()
-    return {"steps": len(history), "global_step": trainer.callbacks.state.global_step,
-            "checkpoints": sorted(p.name for p in out.glob("checkpoint-*"))}
+    result = {"steps": len(history), "global_step": trainer.callbacks.state.global_step,
+              "checkpoints": sorted(p.name for p in out.glob("checkpoint-*"))}
+
+    class LogFailsOnRank0(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                raise RuntimeError("the logging service is down")
+
+    cfg = make_config(ds, out / "raises", trainer={"max_steps": 3, "save_steps": 0})
+    trainer = RLTrainer(cfg, tiny(), distinct_chars, ROWS, backend=make_backend(DistributedConfig(deepspeed=ds)),
+                        callbacks=[LogFailsOnRank0()])
+    try:
+        trainer.train()
+        result["raised"] = None
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        result["raised"], result["message"] = type(exc).__name__, str(exc)
+    return result
 
 
 def make_trainer_sampler(out: Path) -> Any:
