@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
+from tracerl.data_parallel import stop_together
 from tracerl.errors import UserError
 
 EVENTS = ("on_init_end", "on_train_begin", "on_step_begin", "on_step_end", "on_evaluate", "on_log", "on_save",
@@ -88,12 +89,7 @@ class Callbacks:
                 break
             if result is not None:
                 self.control = result
-        failed = self.all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64)).item()
-        if failure is not None:
-            raise failure
-        if failed:
-            raise UserError(f"callback {name} at step {self.state.global_step} failed on {failed:.0f} other "
-                            "rank(s), whose error is printed above; every rank stops")
+        stop_together(self.all_reduce, failure, f"callback {name} at step {self.state.global_step}")
         return self.control
 
     def agree(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tracerl.errors import UserError
+
 SUMMED_METRICS = ("trajectory/rows_kept", "perf/rollout_tokens_per_second")
 SUMMED_PREFIXES = ("reward_errors/",)  # a count of failed samples: the job's is the sum
 SLOWEST_METRICS = ("perf/rollout_seconds", "perf/train_seconds", "perf/step_seconds")
@@ -78,3 +80,14 @@ def across_ranks(backend: Any, metrics: dict[str, float]) -> dict[str, float]:
         summed = key in SUMMED_METRICS or key.startswith(SUMMED_PREFIXES)
         out[key] = sum(values) if summed else max(values) if key in SLOWEST_METRICS else sum(values) / len(values)
     return out
+
+
+def stop_together(all_reduce: Any, failure: Exception | None, what: str) -> None:
+    """Every rank calls this at the same point: the rank that failed raises its own error, the others a UserError
+    saying `what` failed elsewhere (instead of waiting in their next collective). all_reduce: a sum over ranks."""
+    failed = all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64)).item()
+    if failure is not None:
+        raise failure
+    if failed:
+        raise UserError(f"{what} failed on {failed:.0f} other rank(s), whose error is printed above; every rank "
+                        "stops")

@@ -375,12 +375,7 @@ class RLTrainer:
             result = work()
         except (RewardError, UserError) as exc:
             failure = exc
-        failed = self.all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64)).item()
-        if failure is not None:
-            raise failure
-        if failed:
-            raise UserError(f"{what}: the rewards failed on {failed:.0f} other rank(s), whose error is printed "
-                            "above; every rank stops")
+        dp.stop_together(self.all_reduce, failure, f"{what}: the rewards")
         return result
 
     def learn(self, traj: Trajectory, rewards: torch.Tensor, process: torch.Tensor | None = None
